@@ -1,0 +1,49 @@
+# allconv — `make help` lists the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARRAYS  ?= data/cifar10-jpeg-arrays.npz
+JPEG    ?= ../shared/data/cifar10-jpeg.npz
+ARGS    ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train train-jpeg test test-slow lint bench data-jpeg clean
+
+help:  ## this list
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install allconv with everything it needs (torch included)
+
+train: $(STAMP)  ## the main job: All-CNN-C, paper recipe, CIFAR-10 (ARGS="optim.lr=0.1 ..." to change)
+	$(BIN)/python src/train.py $(ARGS)
+
+$(ARRAYS):
+	@test -f $(JPEG) || { echo "error: $(JPEG) not found; pass JPEG=<path to cifar10-jpeg.npz>"; exit 2; }
+	$(BIN)/python $(dir $(JPEG))cifar10_jpeg_to_arrays.py $(ARRAYS)
+
+data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS)
+
+train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, ~15 min)
+	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
+
+test: $(STAMP)  ## the test suite (CPU, a few minutes)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)  ## the slow checks too (the quick_cpu claim: ~15 min)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check src tests benchmarks scripts
+
+bench: $(STAMP)  ## throughput of the 12 networks, Lightning path vs a plain loop -> docs/PERFORMANCE.md
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+clean:  ## remove outputs (not the venv, not data)
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,71 @@
+"""Callbacks of a run: checkpoints written atomically, the non-finite-loss guard, progress bars.
+
+build_callbacks(cfg, run_dir) is the default list. Lightning runs ModelCheckpoint after every
+other callback, so FiniteLossGuard stops a diverged run before its weights are saved: the last
+good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from allconv.preprocessing import atomic_torch_save
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Save to a temporary file and rename, so a kill during a save leaves the previous checkpoint usable."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(checkpoint, path)
+
+
+class FiniteLossGuard(L.Callback):
+    """Check once per epoch (one host sync) the device-side record of the first non-finite step."""
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bad = getattr(pl_module, "first_bad_step", None)
+        if bad is None or not trainer.training:
+            return
+        step = int(bad.item())
+        if step >= 0:
+            ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), None)
+            where = f"; last good checkpoint: {ckpt}" if ckpt else "; no checkpoint was written before it"
+            raise NonFiniteLossError(f"non-finite loss at epoch {trainer.current_epoch}, step {step} of the epoch "
+                                     f"(lr={trainer.optimizers[0].param_groups[0]['lr']:g}){where}")
+
+    def on_validation_start(self, trainer, pl_module):
+        self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._check(trainer, pl_module)
+
+
+def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
+    cbs: list[L.Callback] = [FiniteLossGuard()]
+    c = cfg.callbacks
+    if c.checkpoint.every_n_epochs:
+        cbs.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                   every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True))
+    if c.progress_bar == "rich":
+        cbs.append(RichProgressBar(leave=True))
+    elif c.progress_bar == "tqdm":
+        cbs.append(TQDMProgressBar())
+    if c.get("guided_backprop") and c.guided_backprop.get("every_n_epochs"):
+        from allconv.visualize_callback import GuidedBackpropGrid
+
+        cbs.append(GuidedBackpropGrid(run_dir=run_dir, **c.guided_backprop))
+    return cbs
+
+
+__all__ = ["AtomicCheckpointIO", "FiniteLossGuard", "NonFiniteLossError", "build_callbacks", "torch"]

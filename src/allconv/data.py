@@ -1,0 +1,339 @@
+"""CIFAR for the paper: sources, the LightningDataModule, and the device-resident loader.
+
+Sources: the official CIFAR-10/100 python archives (downloaded and md5-checked through
+torchvision, read by our own reader so small files in the official format work too) or an .npz
+arrays file (x_train, y_train, x_test, y_test; uint8 NHWC), such as the JPEG copy of CIFAR-10
+decoded by shared/data/cifar10_jpeg_to_arrays.py, or CIFAR-10.1.
+
+As in airbench, the whole preprocessed dataset lives on the training device as one tensor: a batch
+is an index slice of a device-side permutation, and flips/translations are tensor ops on the
+device. No worker processes, no per-step host-to-device copies. The same code runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from allconv import preprocessing as pp
+
+OFFICIAL = {
+    # name: (folder, train files, test files, label key, meta file, meta key, classes)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+                "batches.meta", "label_names", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names", 100),
+}
+PREPROCESS = ("gcn_zca", "standardize", "none")
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line that names the value and what is allowed."""
+
+
+def _torchvision_dataset(name: str):
+    import torchvision.datasets as tvd
+
+    return tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the official python format: a pickled dict with 'data' (N, 3072) uint8, CHW rows."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is not a CIFAR batch file in the official python format ({type(e).__name__}: {e})")
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def load_official(name: str, root: str | Path, verify_md5: bool = True) -> dict:
+    """Read CIFAR-10/100 from root/<official folder>, optionally checking each file's md5."""
+    folder, train_files, test_files, label_key, meta_file, meta_key, n_classes = OFFICIAL[name]
+    base = Path(root) / folder
+    md5s = dict(_torchvision_dataset(name).train_list + _torchvision_dataset(name).test_list)
+    splits = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        xs, ys = [], []
+        for fname in files:
+            path = base / fname
+            if not path.is_file():
+                raise DataError(f"missing {path}; set data.download=true or point data.root at a folder holding {folder}/")
+            if verify_md5 and _md5(path) != md5s[fname]:
+                raise DataError(f"{path} fails its md5 check (expected {md5s[fname]}); delete it and set data.download=true")
+            x, y = read_cifar_batch(path, label_key)
+            xs.append(x)
+            ys.append(y)
+        splits[f"x_{split}"], splits[f"y_{split}"] = np.concatenate(xs), np.concatenate(ys)
+    try:
+        with open(base / meta_file, "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")[meta_key])
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError):
+        classes = [str(i) for i in range(n_classes)]
+    return {**splits, "classes": classes}
+
+
+def download_official(name: str, root: str | Path) -> None:
+    """Download and extract the official archive (md5-checked by torchvision) unless already present."""
+    folder = OFFICIAL[name][0]
+    if (Path(root) / folder).is_dir():
+        return
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    ds = _torchvision_dataset(name)
+    download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
+
+
+def load_npz(path: str | Path, num_classes: int) -> dict:
+    """Read and validate an arrays file: x_* uint8 (N, 32, 32, 3), y_* integers in [0, num_classes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r} does not exist; expected an .npz with x_train, y_train, x_test, y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"data.path {str(path)!r} is not a readable .npz arrays file ({type(e).__name__})")
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise DataError(f"data.path {str(path)!r} lacks {', '.join(missing)}; needs x_train, y_train, x_test, y_test")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8:
+            raise DataError(f"x_{split} in {str(path)!r} has dtype {x.dtype}; allowed: uint8 (0..255)")
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise DataError(f"x_{split} in {str(path)!r} has shape {x.shape}; allowed: (N, 32, 32, 3) NHWC")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"y_{split} in {str(path)!r} has shape {y.shape} {y.dtype}; allowed: ({len(x)},) integers")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise DataError(f"y_{split} in {str(path)!r} holds label {bad}; allowed: 0..{num_classes - 1} "
+                            f"(data.num_classes={num_classes})")
+        arrays[f"y_{split}"] = y.astype(np.int64)
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num_classes)]
+    return {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")} | {"classes": classes}
+
+
+def _check_writable(root: Path) -> None:
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise DataError(f"data.root {str(root)!r} cannot be written (download needs a writable folder)")
+
+
+def translate_and_flip(x: torch.Tensor, translate: int, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and translations of up to `translate` pixels, zero-filled, on x's device.
+
+    Zero is the mean of whitened data, so the revealed border is "no signal".
+    """
+    n, _, h, w = x.shape
+    flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if translate <= 0:
+        return x
+    t = translate
+    padded = torch.nn.functional.pad(x, (t, t, t, t))
+    dy = torch.randint(0, 2 * t + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * t + 1, (n,), device=x.device, generator=generator)
+    rows = (torch.arange(h, device=x.device) + dy[:, None])[:, None, :, None]  # (n,1,h,1)
+    cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, None, :]  # (n,1,1,w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class DeviceLoader:
+    """Batches from tensors already on the device: index slices of a permutation, augmentation as tensor ops.
+
+    Under DDP each rank takes its own shard (rank::world_size) of one permutation shared by all
+    ranks (same seed and epoch). Training shards are cut to equal length so ranks step together.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 drop_last: bool = False, augment: bool = False, translate: int = 0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, epoch: Callable[[], int] | None = None):
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment, self.translate, self.seed = augment, translate, seed
+        self.rank, self.world_size = rank, world_size
+        self._epoch = epoch or (lambda: 0)
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.x)
+        if self.shuffle:
+            g = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self._epoch())
+            order = torch.randperm(n, generator=g).to(self.x.device)
+            order = order[: n - n % self.world_size]  # equal shards
+        else:
+            order = torch.arange(n, device=self.x.device)
+        return order[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        per_rank = n // self.world_size if self.shuffle else len(range(self.rank, n, self.world_size))
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        gen = None
+        if self.augment:
+            gen = torch.Generator(device=self.x.device).manual_seed(self.seed * 7919 + self._epoch() * 31 + self.rank)
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.x[sel]
+            if self.augment:
+                x = translate_and_flip(x, self.translate, gen)
+            yield x, self.y[sel]
+
+
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10/100 or an arrays file -> GCN + ZCA (or standardize / none) -> device-resident loaders."""
+
+    def __init__(self, source: str = "cifar10", root: str = "data", path: str | None = None,
+                 download: bool = True, verify_md5: bool = True, num_classes: int = 10,
+                 preprocess: str = "gcn_zca", gcn_scale: float = 55.0, zca_filter_bias: float = 0.1,
+                 val_size: int = 0, split_seed: int = 0, augment: bool = False, translate: int = 0,
+                 batch_size: int = 128, eval_batch_size: int = 1000, on_device: bool = True,
+                 drop_last: bool = False, cache_dir: str | None = None, limit_train: int | None = None,
+                 limit_test: int | None = None, seed: int = 0, **_ignored):
+        super().__init__()
+        self.source, self.root, self.path = source, Path(root).expanduser(), path
+        self.download, self.verify_md5, self.num_classes = download, verify_md5, num_classes
+        self.preprocess, self.gcn_scale, self.zca_filter_bias = preprocess, gcn_scale, zca_filter_bias
+        self.val_size, self.split_seed = val_size, split_seed
+        self.augment, self.translate = augment, translate
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.on_device, self.drop_last, self.seed = on_device, drop_last, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path(
+            os.environ.get("ALLCONV_CACHE", "~/.cache/allconv")).expanduser()
+        self.limit_train, self.limit_test = limit_train, limit_test
+        self._raw: dict | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.zca_from_cache: bool | None = None
+
+    # -- checks that run before any training -------------------------------------------------
+    def validate(self) -> None:
+        """Fail fast, with one line, on every bad data setting; loads nothing heavy except an npz."""
+        if self.source not in ("cifar10", "cifar100", "npz"):
+            raise DataError(f"unknown data.source {self.source!r}; allowed: cifar10, cifar100, npz")
+        if self.preprocess not in PREPROCESS:
+            raise DataError(f"unknown data.preprocess {self.preprocess!r}; allowed: {', '.join(PREPROCESS)}")
+        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise DataError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not (isinstance(self.val_size, int) and self.val_size >= 0):
+            raise DataError(f"data.val_size must be an integer >= 0, got {self.val_size!r}")
+        if not (isinstance(self.translate, int) and 0 <= self.translate <= 16):
+            raise DataError(f"data.translate must be an integer in 0..16, got {self.translate!r}")
+        if self.source == "npz":
+            if not self.path:
+                raise DataError("data.path is not set; data=npz needs data.path=<arrays .npz>")
+            self._load_raw()
+        else:
+            folder = self.root / OFFICIAL[self.source][0]
+            if not self.download and not folder.is_dir():
+                raise DataError(f"data.root {str(self.root)!r} holds no {OFFICIAL[self.source][0]}/ and "
+                                f"data.download=false; set data.download=true or point data.root at the data")
+            if self.download and not folder.is_dir():
+                _check_writable(self.root)
+        if self.source != "npz" or self._raw is not None:
+            n_train = len(self._raw["y_train"]) if self._raw else None
+            if n_train is not None and self.val_size >= n_train:
+                raise DataError(f"data.val_size={self.val_size} must be below the {n_train} training images")
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.source in OFFICIAL and self.download:
+            download_official(self.source, self.root)
+
+    def _load_raw(self) -> dict:
+        if self._raw is None:
+            if self.source == "npz":
+                raw = load_npz(self.path, self.num_classes)
+            else:
+                raw = load_official(self.source, self.root, self.verify_md5)
+            if self.limit_train:
+                raw["x_train"], raw["y_train"] = raw["x_train"][: self.limit_train], raw["y_train"][: self.limit_train]
+            if self.limit_test:
+                raw["x_test"], raw["y_test"] = raw["x_test"][: self.limit_test], raw["y_test"][: self.limit_test]
+            self._raw = raw
+        return self._raw
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors:
+            return
+        raw = self._load_raw()
+        x_train, y_train = raw["x_train"], raw["y_train"]
+        splits = {}
+        if self.val_size:
+            # The validation images are held out before the whitening fit, so they stay unseen.
+            order = np.random.default_rng(self.split_seed).permutation(len(x_train))
+            val, keep = order[: self.val_size], np.sort(order[self.val_size:])
+            splits["val"] = (x_train[val], y_train[val])
+            x_train, y_train = x_train[keep], y_train[keep]
+        splits["train"] = (x_train, y_train)
+        splits["test"] = (raw["x_test"], raw["y_test"])
+        flat = {k: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).reshape(len(x), -1).float()
+                for k, (x, _) in splits.items()}
+        if self.preprocess == "gcn_zca":
+            flat = {k: pp.global_contrast_normalize(v, scale=self.gcn_scale) for k, v in flat.items()}
+            key = pp.fingerprint(x_train, gcn_scale=self.gcn_scale, filter_bias=self.zca_filter_bias)
+            zca, self.zca_from_cache = pp.fit_zca_cached(flat["train"], key, self.cache_dir, self.zca_filter_bias)
+            flat = {k: zca.transform(v) for k, v in flat.items()}
+            images = {k: v.reshape(-1, 3, 32, 32) for k, v in flat.items()}
+        else:
+            images = {k: v.reshape(-1, 3, 32, 32) / 255.0 for k, v in flat.items()}
+            if self.preprocess == "standardize":
+                mean, std = pp.standardize_stats(images["train"])
+                images = {k: (v - mean) / std for k, v in images.items()}
+        for k, (_, y) in splits.items():
+            self.tensors[f"x_{k}"] = images[k].contiguous()
+            self.tensors[f"y_{k}"] = torch.from_numpy(y)
+        self.raw_test = torch.from_numpy(np.ascontiguousarray(raw["x_test"].transpose(0, 3, 1, 2)))
+        self.classes = raw["classes"]
+
+    def _device(self) -> torch.device:
+        if self.on_device and self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def _loader(self, split: str, train: bool) -> DeviceLoader:
+        dev = self._device()
+        key = f"_on_{dev}_{split}"
+        if not hasattr(self, key):  # one copy per device, made once
+            setattr(self, key, (self.tensors[f"x_{split}"].to(dev), self.tensors[f"y_{split}"].to(dev)))
+        x, y = getattr(self, key)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        epoch = (lambda: self.trainer.current_epoch) if self.trainer else None
+        if train:
+            return DeviceLoader(x, y, self.batch_size, shuffle=True, drop_last=self.drop_last, augment=self.augment,
+                                translate=self.translate, seed=self.seed, rank=rank, world_size=world, epoch=epoch)
+        return DeviceLoader(x, y, self.eval_batch_size, rank=rank, world_size=world)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False) if self.val_size else []
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)

@@ -1,0 +1,177 @@
+"""From a composed config to a trained, tested model: the objects a run is made of.
+
+train(cfg) checks every setting first (one-line ConfigError / DataError before anything is
+written), then builds the network, the DataModule, the LightningModule and the Trainer, fits,
+tests, and writes metrics.json into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from allconv import models
+from allconv.data import CIFARDataModule, DataError
+from allconv.module import AllConvModule
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the value and what is allowed."""
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks that composition cannot make (types and ranges)."""
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    if not (isinstance(o.momentum, (int, float)) and 0 <= o.momentum < 1):
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum!r}")
+    ms = list(o.milestones)
+    if not all(isinstance(m, int) and m > 0 for m in ms) or ms != sorted(ms):
+        raise ConfigError(f"optim.milestones must be increasing positive epochs, got {ms}")
+    if not (isinstance(cfg.trainer.max_epochs, int) and cfg.trainer.max_epochs >= 1):
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1, got {cfg.trainer.max_epochs!r}")
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    build_net(cfg)  # the model knobs are checked by the builder
+
+
+def build_net(cfg: DictConfig) -> torch.nn.Module:
+    m = cfg.model
+    try:
+        return models.build(m.family, m.variant, num_classes=cfg.data.num_classes, width=m.width,
+                            dropout_input=m.dropout_input, dropout_pool=m.dropout_pool,
+                            final_relu=m.final_relu, init=m.init, final_bias=m.final_bias)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_datamodule(cfg: DictConfig) -> CIFARDataModule:
+    return CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+
+
+def build_module(cfg: DictConfig, net: torch.nn.Module) -> AllConvModule:
+    o = cfg.optim
+    return AllConvModule(net, num_classes=cfg.data.num_classes, lr=o.lr, momentum=o.momentum,
+                         weight_decay=o.weight_decay, milestones=list(o.milestones), gamma=o.gamma,
+                         nesterov=o.nesterov, compile=cfg.model.compile, channels_last=cfg.model.channels_last,
+                         hparams=OmegaConf.to_container(cfg, resolve=True))
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    cuda = torch.cuda.is_available() and t.get("accelerator") in ("auto", "gpu", "cuda")
+    if t.get("precision") == "auto":
+        t["precision"] = "bf16-mixed" if cuda else "32-true"
+    if t.get("benchmark") == "auto":
+        t["benchmark"] = cuda
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.Trainer:
+    from allconv.callbacks import AtomicCheckpointIO
+
+    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
+                     plugins=[AtomicCheckpointIO()], **trainer_kwargs(cfg))
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="")
+    if kind == "wandb":
+        from allconv.wandb_logger import build_wandb_logger  # imported only here: wandb is heavy
+
+        return build_wandb_logger(cfg, run_dir)
+    raise ConfigError(f"unknown logger.kind {kind!r}; allowed: csv, wandb, none")
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{models.config_name(cfg.model.family, cfg.model.variant)}_lr{cfg.optim.lr}_s{cfg.seed}"
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
+    from allconv.callbacks import build_callbacks
+
+    check_config(cfg)
+    dm = build_datamodule(cfg)
+    dm.validate()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = build_net(cfg)
+    module = build_module(cfg, net)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_logger(cfg, run_dir))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    wall = time.perf_counter() - start
+    trainer.test(module, datamodule=dm, verbose=False)
+    metrics = {
+        "status": "ok",
+        "model": models.config_name(cfg.model.family, cfg.model.variant),
+        "network": models.paper_name(cfg.model.family, cfg.model.variant),
+        "family": cfg.model.family, "variant": cfg.model.variant, "width": cfg.model.width,
+        "data": cfg.data.source, "preprocess": cfg.data.preprocess, "augment": cfg.data.augment,
+        "lr": cfg.optim.lr, "seed": cfg.seed, "epochs": trainer.current_epoch,
+        "batch_size": cfg.data.batch_size,
+        "params": models.count_params(net),
+        "test_error": float(trainer.callback_metrics["test/error"]),
+        "wall_time_s": wall,
+        "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+    }
+    if "val/error" in trainer.callback_metrics:
+        metrics["val_error"] = float(trainer.callback_metrics["val/error"])
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def load_checkpoint_config(ckpt_path: str | Path) -> DictConfig:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return OmegaConf.create(ckpt["hyper_parameters"]), ckpt
+    except Exception as e:
+        raise ConfigError(f"ckpt_path {str(path)!r} is not an allconv checkpoint ({type(e).__name__})") from None
+
+
+def evaluate(ckpt_path: str, data_overrides: dict, trainer_overrides: dict) -> dict:
+    """Re-test a checkpoint on its own data (or on data_overrides, e.g. another arrays file)."""
+    cfg, ckpt = load_checkpoint_config(ckpt_path)
+    cfg.data = OmegaConf.merge(cfg.data, {k: v for k, v in data_overrides.items() if v is not None})
+    cfg.trainer = OmegaConf.merge(cfg.trainer, trainer_overrides)
+    dm = build_datamodule(cfg)
+    dm.validate()
+    net = build_net(cfg)
+    module = build_module(cfg, net)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise ConfigError(f"checkpoint {ckpt_path!r} does not match its model {cfg.model.family}/{cfg.model.variant}") from None
+    trainer = L.Trainer(logger=False, **{**trainer_kwargs(cfg), "max_epochs": 1})
+    trainer.test(module, datamodule=dm, verbose=False)
+    return {"model": models.config_name(cfg.model.family, cfg.model.variant), "ckpt_path": str(ckpt_path),
+            "data": cfg.data.source, "test_error": float(trainer.callback_metrics["test/error"])}

@@ -1,0 +1,93 @@
+"""The paper's training recipe as a LightningModule.
+
+Cross-entropy, SGD with momentum 0.9 and weight decay 1e-3, learning rate x0.1 at fixed epochs
+(200, 250, 300 of 350 in the paper). Metrics accumulate on the device and are logged per epoch:
+the training step makes no host sync. A non-finite loss is recorded on the device (the first step
+where it happened) and checked once per epoch by callbacks.FiniteLossGuard.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+
+class AllConvModule(L.LightningModule):
+    def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 1e-3, milestones=(200, 250, 300), gamma: float = 0.1,
+                 nesterov: bool = False, compile: bool = False, channels_last: bool = False,
+                 hparams: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(hparams or {})
+        self.net = net
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.milestones, self.gamma, self.nesterov = list(milestones), gamma, nesterov
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # Compile the network, not the LightningModule: hooks and logging stay eager. Kept out of
+        # the module registry so checkpoints hold the weights once, under net.*.
+        object.__setattr__(self, "forward_net", torch.compile(self.net) if compile else self.net)
+        metric = dict(task="multiclass", num_classes=num_classes)
+        self.train_acc = torchmetrics.Accuracy(**metric)
+        self.val_acc = torchmetrics.Accuracy(**metric)
+        self.test_acc = torchmetrics.Accuracy(**metric)
+        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._epoch_start = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.forward_net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        # Remember the first non-finite step without a host sync (checked once per epoch).
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0),
+                                              torch.tensor(batch_idx, device=loss.device), self.first_bad_step))
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_start(self):
+        self._epoch_start = time.perf_counter()
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self):
+        if self._epoch_start is not None:
+            self.log("epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True)
+
+    def _eval_step(self, batch, metric, prefix):
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_acc, "val")
+
+    def on_validation_epoch_end(self):
+        self.log("val/error", 1.0 - self.val_acc.compute(), prog_bar=True)
+        self.val_acc.reset()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_acc, "test")
+
+    def on_test_epoch_end(self):
+        self.log("test/error", 1.0 - self.test_acc.compute())
+        self.test_acc.reset()
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay, nesterov=self.nesterov)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

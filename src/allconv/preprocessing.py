@@ -1,0 +1,149 @@
+"""The paper's input pipeline: pylearn2's global contrast normalisation and ZCA whitening.
+
+Exactly as pylearn2's make_cifar10_gcn_whitened.py (GlobalContrastNormalization(scale=55) then
+ZCA(filter_bias=0.1)), on plain tensors/arrays, no Lightning. The ZCA fit (a 3072x3072
+eigendecomposition over the training set) is cached on disk keyed by the data and the parameters,
+so a second run and every DDP rank load it instead of refitting. Cache writes are atomic and
+serialised by a file lock, so concurrent jobs sharing a cache never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_VERSION = 1
+
+
+def global_contrast_normalize(x, scale: float = 55.0, min_divisor: float = 1e-8):
+    """pylearn2's global_contrast_normalize(X, scale, subtract_mean=True, use_std=False, sqr_bias=0).
+
+    x: float array or tensor (N, D). Each row has its mean removed and is divided by its L2 norm /
+    scale; a divisor below min_divisor (a constant image) is replaced by 1, as pylearn2 does.
+    """
+    is_numpy = isinstance(x, np.ndarray)
+    t = torch.from_numpy(x) if is_numpy else x
+    if t.ndim != 2 or not t.is_floating_point():
+        raise ValueError(f"global_contrast_normalize expects a float (N, D) array, got {tuple(t.shape)} {t.dtype}")
+    t = t - t.mean(dim=1, keepdim=True)
+    divisor = t.pow(2).sum(dim=1, keepdim=True).sqrt() / scale
+    divisor = torch.where(divisor < min_divisor, torch.ones_like(divisor), divisor)
+    out = t / divisor
+    return out.numpy() if is_numpy else out
+
+
+class ZCA:
+    """pylearn2's ZCA: P = V diag(1/sqrt(eig)) V^T of cov = Xc^T Xc / N + filter_bias * I.
+
+    All components are kept. fit() works in float64; transform() returns x's dtype.
+    """
+
+    def __init__(self, filter_bias: float = 0.1):
+        if not filter_bias > 0:
+            raise ValueError(f"ZCA filter_bias must be > 0, got {filter_bias!r}")
+        self.filter_bias = float(filter_bias)
+        self.mean: torch.Tensor | None = None
+        self.P: torch.Tensor | None = None
+
+    def fit(self, x, chunk: int = 8192) -> ZCA:
+        t = torch.as_tensor(x)
+        if t.ndim != 2:
+            raise ValueError(f"ZCA.fit expects (N, D), got {tuple(t.shape)}")
+        n, d = t.shape
+        mean = t.double().mean(dim=0)
+        cov = torch.zeros(d, d, dtype=torch.float64)
+        for i in range(0, n, chunk):  # chunks bound the float64 copy's memory
+            xc = t[i:i + chunk].double() - mean
+            cov.addmm_(xc.T, xc)
+        cov /= n
+        cov.diagonal().add_(self.filter_bias)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        self.mean = mean
+        self.P = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
+        return self
+
+    def transform(self, x):
+        if self.P is None:
+            raise RuntimeError("ZCA.transform called before fit")
+        is_numpy = isinstance(x, np.ndarray)
+        t = torch.from_numpy(x) if is_numpy else x
+        dtype = t.dtype if t.is_floating_point() else torch.float32
+        out = (t.to(dtype) - self.mean.to(dtype)) @ self.P.to(dtype)
+        return out.numpy() if is_numpy else out
+
+    def state_dict(self) -> dict:
+        return {"version": CACHE_VERSION, "filter_bias": self.filter_bias, "mean": self.mean, "P": self.P}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ZCA:
+        zca = cls(state["filter_bias"])
+        zca.mean, zca.P = state["mean"], state["P"]
+        return zca
+
+
+def fingerprint(*arrays: np.ndarray, **params) -> str:
+    """A key for the data and the parameters: sha1 over the raw bytes, shapes, dtypes and params."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(memoryview(a).cast("B"))
+    h.update(repr(sorted(params.items())).encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None, filter_bias: float = 0.1) -> tuple[ZCA, bool]:
+    """Fit ZCA on x_gcn, or load the fit cached under key. Returns (zca, loaded_from_cache)."""
+    if cache_dir is None:
+        return ZCA(filter_bias).fit(x_gcn), False
+    path = Path(cache_dir) / f"zca-{key}.pt"
+    with _locked(path):  # one fitter per key; the others wait and then load its file
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if state.get("version") == CACHE_VERSION and state["filter_bias"] == filter_bias:
+                    return ZCA.from_state_dict(state), True
+            except Exception:  # unreadable cache: refit and replace it
+                pass
+        zca = ZCA(filter_bias).fit(x_gcn)
+        atomic_torch_save(zca.state_dict(), path)
+        return zca, False
+
+
+def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of NCHW float images (the 'standardize' alternative)."""
+    return x.mean(dim=(0, 2, 3), keepdim=True), x.std(dim=(0, 2, 3), keepdim=True)
