@@ -14,6 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+INSPECT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--resolve"}
+VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
+               "--experimental-rerun"}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -63,7 +66,17 @@ def preflight(config_name: str, argv: list[str], check=None) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [a for a in argv[1:] if not a.startswith("-")]
+    args = argv[1:]
+    if any(a in INSPECT_FLAGS or a.startswith("--cfg=") for a in args):
+        return  # Hydra only prints something; nothing runs
+    overrides, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in VALUE_FLAGS:
+            skip = True
+        elif not a.startswith("-"):
+            overrides.append(a)
     try:
         combos = _expand(overrides)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
