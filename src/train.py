@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from allconv.experiment import check_config
+    from allconv.experiment import preflight_check
 
-    cli.preflight("train", sys.argv, check=check_config)
+    cli.preflight("train", sys.argv, check=preflight_check)
     main()

@@ -49,6 +49,12 @@ def check_config(cfg: DictConfig) -> None:
     build_net(cfg)  # the model knobs are checked by the builder
 
 
+def preflight_check(cfg: DictConfig) -> None:
+    """Everything that can be checked before Hydra creates a run directory: settings and data."""
+    check_config(cfg)
+    build_datamodule(cfg).validate()
+
+
 def build_net(cfg: DictConfig) -> torch.nn.Module:
     m = cfg.model
     try:
