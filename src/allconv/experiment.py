@@ -84,6 +84,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
         t["precision"] = "bf16-mixed" if cuda else "32-true"
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
+    if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
+        t["limit_val_batches"] = 0  # the paper's protocol: no validation split, no validation loop
     return {k: v for k, v in t.items() if v is not None}
 
 
@@ -99,7 +101,7 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if kind == "none":
         return False
     if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(str(run_dir), name="", version="")
+        return L.pytorch.loggers.CSVLogger(str(run_dir), name="csv", version="")
     if kind == "wandb":
         from allconv.wandb_logger import build_wandb_logger  # imported only here: wandb is heavy
 
