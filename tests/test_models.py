@@ -1,0 +1,176 @@
+"""The 12 networks against PAPER.md: parameter counts, shapes, layer facts, width, multiply-adds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from allconv import models
+
+FAMS, VARS = ("a", "b", "c"), ("base", "strided", "convpool", "allcnn")
+ALL = [(f, v) for f in FAMS for v in VARS]
+
+# PAPER.md, "Parameter counts (weights + biases)".
+PAPER_PARAMS = {
+    ("a", "base"): 839_242, ("a", "strided"): 839_242, ("a", "convpool"): 1_254_250, ("a", "allcnn"): 1_254_250,
+    ("b", "base"): 885_610, ("b", "strided"): 885_610, ("b", "convpool"): 1_300_618, ("b", "allcnn"): 1_300_618,
+    ("c", "base"): 954_730, ("c", "strided"): 954_730, ("c", "convpool"): 1_369_738, ("c", "allcnn"): 1_369_738,
+}
+# PAPER.md, first table: kernel sizes of each block's convolutions.
+PAPER_BLOCK_KERNELS = {"a": [5], "b": [5, 1], "c": [3, 3]}
+
+
+def paper_convs(family: str, variant: str, num_classes: int = 10, width: float = 1.0) -> list[tuple[int, int, int]]:
+    """(out_channels, kernel, stride) of every conv, written from PAPER.md's tables (independent of layer_spec)."""
+    convs = []
+    for w in (96, 192):
+        w = max(1, round(w * width))
+        kernels = PAPER_BLOCK_KERNELS[family]
+        for i, k in enumerate(kernels):
+            convs.append((w, k, 2 if variant == "strided" and i == len(kernels) - 1 else 1))
+        if variant == "convpool":
+            convs.append((w, 3, 1))
+        if variant == "allcnn":
+            convs.append((w, 3, 2))
+    h = max(1, round(192 * width))
+    return convs + [(h, 3, 1), (h, 1, 1), (num_classes, 1, 1)]
+
+
+def reference_params(family: str, variant: str, num_classes: int = 10, width: float = 1.0) -> int:
+    total, cin = 0, 3
+    for out, k, _ in paper_convs(family, variant, num_classes, width):
+        total += k * k * cin * out + out
+        cin = out
+    return total
+
+
+def convs_of(net: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_parameter_counts_equal_paper(family, variant):
+    net = models.build(family, variant)
+    assert models.count_params(net) == PAPER_PARAMS[(family, variant)]
+    assert reference_params(family, variant) == PAPER_PARAMS[(family, variant)]  # the test's reading of the tables
+
+
+def test_all_networks_lists_the_twelve_and_each_has_a_config():
+    from conftest import CONF
+
+    assert sorted(models.all_networks()) == sorted(ALL)
+    names = {models.config_name(f, v) for f, v in ALL}
+    assert len(names) == 12
+    assert names == {p.stem for p in (CONF / "model").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_output_shapes_and_spatial_sizes(family, variant):
+    for num_classes in (10, 100):
+        net = models.build(family, variant, num_classes=num_classes).eval()
+        sizes: list[tuple[str, int]] = []
+
+        def hook(m, inp, out, sizes=sizes):
+            sizes.append((type(m).__name__, inp[0].shape[-1], getattr(m, "p", None)))
+
+        handles = [m.register_forward_hook(hook) for m in net if isinstance(m, (nn.Dropout, nn.AdaptiveAvgPool2d))]
+        with torch.no_grad():
+            out = net(torch.randn(2, 3, 32, 32))
+        for h in handles:
+            h.remove()
+        assert out.shape == (2, num_classes)
+        # input dropout sees 32x32, each 50% dropout follows a downsampling step (16, then 8), head ends at 6x6
+        assert sizes == [("Dropout", 32, 0.2), ("Dropout", 16, 0.5), ("Dropout", 8, 0.5),
+                         ("AdaptiveAvgPool2d", 6, None)]
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_layer_facts(family, variant):
+    net = models.build(family, variant)
+    got = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs_of(net)]
+    assert got == paper_convs(family, variant)
+    for c in convs_of(net):
+        assert c.kernel_size[0] == c.kernel_size[1] and c.stride[0] == c.stride[1]
+    head = convs_of(net)[-3:]
+    assert head[0].padding == (0, 0)  # 8x8 -> 6x6
+    for c in convs_of(net)[:-3]:
+        assert c.padding[0] == c.kernel_size[0] // 2  # "same"
+    pools = [m for m in net.modules() if isinstance(m, nn.MaxPool2d)]
+    if variant in ("base", "convpool"):
+        assert len(pools) == 2
+        assert all(p.kernel_size == 3 and p.stride == 2 for p in pools)
+    else:
+        assert pools == []
+        assert sum(c.stride[0] == 2 for c in convs_of(net)) == 2
+    if variant == "allcnn":  # review erratum: the second downsampling conv is 192 wide, 3x3 stride 2
+        stride2 = [c for c in convs_of(net) if c.stride[0] == 2]
+        assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in stride2] == [(96, 96, 3), (192, 192, 3)]
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_dropout_and_relu_placement(family, variant):
+    for final_relu in (True, False):
+        layers = list(models.build(family, variant, final_relu=final_relu, dropout_input=0.2, dropout_pool=0.5))
+        assert isinstance(layers[0], nn.Dropout) and layers[0].p == 0.2
+        drops = [i for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
+        assert len(drops) == 3
+        for i in drops[1:]:
+            assert layers[i].p == 0.5
+            prev = layers[i - 1]
+            # after a pool, or after the ReLU of the stride-2 conv that replaces it
+            if isinstance(prev, nn.MaxPool2d):
+                assert variant in ("base", "convpool")
+            else:
+                assert isinstance(prev, nn.ReLU) and isinstance(layers[i - 2], nn.Conv2d)
+                assert layers[i - 2].stride == (2, 2)
+        conv_idx = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+        for i in conv_idx[:-1]:
+            assert isinstance(layers[i + 1], nn.ReLU)
+        after_class = layers[conv_idx[-1] + 1]
+        assert isinstance(after_class, nn.ReLU) == final_relu
+
+
+def test_dropout_rates_are_knobs():
+    layers = list(models.build("c", "allcnn", dropout_input=0.1, dropout_pool=0.3))
+    assert [m.p for m in layers if isinstance(m, nn.Dropout)] == [0.1, 0.3, 0.3]
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_standard_layers_only(family, variant):
+    net = models.build(family, variant, width=0.25)
+    assert type(net) is nn.Sequential  # forward is exactly the chain of its children
+    allowed = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.AdaptiveAvgPool2d, nn.Flatten)
+    for m in net.children():
+        assert type(m) in allowed, type(m)
+    # the chain of children reproduces the forward pass, so no hidden functional ReLU exists
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = x
+    for m in net.children():
+        y = m(y)
+    with torch.no_grad():
+        assert torch.equal(net(x), y.detach())
+
+
+@pytest.mark.parametrize("width", [0.5, 0.25, 2.0])
+def test_width_multiplier(width):
+    for f, v in (("a", "base"), ("c", "allcnn"), ("b", "convpool")):
+        net = models.build(f, v, width=width)
+        got = [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs_of(net)]
+        assert got == paper_convs(f, v, width=width)
+        assert convs_of(net)[-1].out_channels == 10  # the class layer keeps num_classes
+        assert models.count_params(net) == reference_params(f, v, width=width)
+        with torch.no_grad():
+            assert net.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_all_cnn_c_multiply_adds():
+    net = models.build("c", "allcnn")
+    macs = models.count_macs(net)
+    # independent count: out_h * out_w * out_ch * k * k * in_ch per conv, sizes 32 -> 16 -> 8 -> 6
+    expected = (32 * 32 * 96 * 27 + 32 * 32 * 96 * 864 + 16 * 16 * 96 * 864 + 16 * 16 * 192 * 864
+                + 16 * 16 * 192 * 1728 + 8 * 8 * 192 * 1728 + 6 * 6 * 192 * 1728 + 6 * 6 * 192 * 192 + 6 * 6 * 10 * 192)
+    assert macs == expected
+    assert round(macs / 1e6, 1) == 270.8
+
