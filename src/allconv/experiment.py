@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
+from allconv.curves import plot_run
 from allconv.data import CIFARDataModule, DataError
 from allconv.module import AllConvModule
 
@@ -134,6 +135,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     wall = time.perf_counter() - start
+    val_error = trainer.callback_metrics.get("val/error")  # test() replaces callback_metrics
     trainer.test(module, datamodule=dm, verbose=False)
     metrics = {
         "status": "ok",
@@ -148,10 +150,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_time_s": wall,
         "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
     }
-    if "val/error" in trainer.callback_metrics:
-        metrics["val_error"] = float(trainer.callback_metrics["val/error"])
+    if val_error is not None:
+        metrics["val_error"] = float(val_error)
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
+        if trainer.logger:
+            trainer.logger.save()
+        plot_run(run_dir, title=f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}")
     return metrics
 
 
