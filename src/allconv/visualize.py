@@ -127,6 +127,25 @@ def _strongest(units: torch.Tensor | None):
     return select
 
 
+def validate(model: nn.Module, layer: str = LOGITS, unit=None, method: str = "guided",
+             image_shape: tuple[int, ...] = (1, 3, 32, 32), channels=None) -> int:
+    """Check layer, unit(s), channels and method against the model with one forward pass of zeros.
+
+    Returns the layer's number of units (channels). Raises VisualizeError with one line.
+    """
+    _check_method(method)
+    module = _module(model, layer)
+    images = torch.zeros(image_shape, device=_device(model))
+    _check_images(model, images)
+    with inspecting(model):
+        _, out = _probe(model, images, module)
+    if out.ndim < 2:
+        raise VisualizeError(f"layer {layer!r} has output shape {tuple(out.shape)}; need (N, C, ...)")
+    for c in ([] if unit is None else [unit]) + list(channels or []):
+        _units(c, 1, out.shape[1], layer)
+    return out.shape[1]
+
+
 # -- reconstructions -----------------------------------------------------------------------------
 def reconstruct(model: nn.Module, images: torch.Tensor, layer: str = LOGITS, unit=None,
                 method: str = "guided") -> torch.Tensor:
@@ -290,14 +309,19 @@ def raw_to_float(raw: torch.Tensor) -> torch.Tensor:
 
 
 def method_grid(model: nn.Module, images: torch.Tensor, raw: torch.Tensor, layer: str = LOGITS,
-                unit=None) -> torch.Tensor:
-    """Rows of image | backprop | deconvnet | guided, one per image, as one (3, H, W) picture in [0, 1]."""
+                unit=None, upscale: int = 2) -> torch.Tensor:
+    """Rows of image | backprop | deconvnet | guided, one per image, as one (3, H, W) picture in [0, 1].
+
+    upscale enlarges each 32-pixel tile (nearest neighbour) so the pictures can be read in a logger.
+    """
     from torchvision.utils import make_grid
 
     columns = [raw_to_float(raw).cpu()]
     for method in ("backprop", "deconvnet", "guided"):
         columns.append(for_display(reconstruct(model, images, layer, unit, method)).cpu())
     tiles = torch.stack(columns, 1).flatten(0, 1)  # image-major: each image's row of four
+    if upscale > 1:
+        tiles = torch.nn.functional.interpolate(tiles, scale_factor=upscale, mode="nearest")
     return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
 
 

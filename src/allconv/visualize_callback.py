@@ -26,7 +26,7 @@ class GuidedBackpropGrid(L.Callback):
             raise ValueError(f"callbacks.guided_backprop.num_images must be an integer >= 1, got {num_images!r}")
         self.out_dir = Path(run_dir) / "guided_backprop"
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
-        self.layer, self.unit = layer, unit
+        self.layer, self.unit = str(layer), unit  # Hydra reads layer: 8 as an integer; module names are strings
         self._last_epoch = 0  # epochs completed
         self._rendered = -1
         self.written: list[Path] = []
@@ -69,12 +69,10 @@ class GuidedBackpropGrid(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check layer and unit before the first epoch, not when the first grid is due."""
         net = getattr(pl_module, "net", pl_module)
-        if self.layer not in visualize.layer_names(net):
-            raise visualize.VisualizeError(f"callbacks.guided_backprop.layer {self.layer!r} is not a layer of the "
-                                           f"model; allowed: {', '.join(visualize.layer_names(net))}")
-        if self.unit is not None and not (isinstance(self.unit, int) and self.unit >= 0):
-            raise visualize.VisualizeError(f"callbacks.guided_backprop.unit must be null or an integer >= 0, "
-                                           f"got {self.unit!r}")
+        try:
+            visualize.validate(net, self.layer, self.unit)
+        except visualize.VisualizeError as e:
+            raise visualize.VisualizeError(f"callbacks.guided_backprop: {e}") from None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_epoch = trainer.current_epoch + 1
