@@ -42,9 +42,17 @@ def _one_line(e: Exception) -> str:
     return first
 
 
+def _glob_options(o) -> list[str]:
+    """The options of a config group that glob(...) selects (files under conf/<group>, not _private ones)."""
+    group = CONF_DIR / o.key_or_group
+    names = sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_")) if group.is_dir() else []
+    return o.value().filter(names)
+
+
 def _expand(overrides: list[str]) -> list[list[str]]:
     """Override lists to check: each sweep's elements one at a time, others at their first element."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     base, sweeps = [], []
@@ -52,12 +60,13 @@ def _expand(overrides: list[str]) -> list[list[str]]:
         if o.is_hydra_override() if hasattr(o, "is_hydra_override") else o.key_or_group.startswith("hydra"):
             continue
         if o.is_sweep_override():
-            if o.is_discrete_sweep() and not o.is_glob():
-                values = list(o.sweep_string_iterator())
+            if o.is_discrete_sweep():
+                values = _glob_options(o) if o.value_type == ValueType.GLOB_CHOICE_SWEEP else \
+                    list(o.sweep_string_iterator())
                 if not values:
-                    raise ValueError(f"empty sweep for {o.key_or_group}; give at least one value")
+                    raise ValueError(f"empty sweep for {o.key_or_group}: it matches no value; give at least one")
                 sweeps.append([f"{o.get_key_element()}={v}" for v in values])
-            continue  # glob and range sweeps: every element is a valid option or number
+            continue  # interval sweeps: for optimising sweepers, every element is a number
         base.append(o.input_line)
     combos = [base + [s[0] for s in sweeps]]
     for i, s in enumerate(sweeps):

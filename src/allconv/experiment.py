@@ -85,6 +85,10 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
         t["precision"] = "bf16-mixed" if cuda else "32-true"
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
+    if t.get("strategy") == "ddp":  # relaunch this Hydra job, not the whole sweep, on ranks 1..N-1
+        from allconv.ddp import HydraJobDDPStrategy
+
+        t["strategy"] = HydraJobDDPStrategy()
     if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
         t["limit_val_batches"] = 0  # the paper's protocol: no validation split, no validation loop
     return {k: v for k, v in t.items() if v is not None}
@@ -123,6 +127,7 @@ def write_json(path: Path, obj: dict) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
     from allconv.callbacks import build_callbacks
+    from allconv.resume import EpochSeed
 
     check_config(cfg)
     dm = build_datamodule(cfg)
@@ -131,10 +136,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     net = build_net(cfg)
     module = build_module(cfg, net)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir), build_logger(cfg, run_dir))
+    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed)]  # a resumed run repeats the same draws
+    trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     wall = time.perf_counter() - start
+    ranks = None
+    if trainer.world_size > 1:  # record that the ranks agree (weights, one ZCA fit)
+        from allconv import ddp
+
+        ranks = ddp.rank_summary(trainer, module, dm)
     val_error = trainer.callback_metrics.get("val/error")  # test() replaces callback_metrics
     trainer.test(module, datamodule=dm, verbose=False)
     metrics = {
@@ -152,11 +163,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if val_error is not None:
         metrics["val_error"] = float(val_error)
+    if ranks is not None:
+        metrics["ddp"] = ranks
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         if trainer.logger:
             trainer.logger.save()
         plot_run(run_dir, title=f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}")
+    if hasattr(trainer.logger, "finish_run"):  # W&B: each job its own run, closed with the final metrics
+        trainer.logger.finish_run(metrics)
+    if ranks is not None:
+        ddp.end_job()
     return metrics
 
 

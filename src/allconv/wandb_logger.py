@@ -1,0 +1,90 @@
+"""Weights & Biases for a run: Lightning's WandbLogger, offline unless an API key is there.
+
+build_wandb_logger(cfg, run_dir) is called by experiment.build_logger for logger=wandb. Each run,
+and so each Hydra multirun job, is its own W&B run: a run left open in this process by an earlier
+job (one that failed before it finished) is closed first, and experiment.train closes each run
+with the final metrics as its summary. Name and group come from model, lr and seed, so the W&B UI
+groups a (model, lr) cell's seeds. Under a `wandb agent` the sweep's own run is picked up by
+wandb.init from the agent's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_api_key() -> bool:
+    """An API key in WANDB_API_KEY or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return bool(netrc.netrc().authenticators(host))
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(requested: str) -> str:
+    """auto -> online with a key, else offline (an explicit WANDB_MODE wins, as wandb users expect)."""
+    if requested not in MODES:
+        from allconv.experiment import ConfigError
+
+        raise ConfigError(f"unknown logger.mode {requested!r}; allowed: {', '.join(MODES)}")
+    if requested != "auto":
+        return requested
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return "offline" if env == "dryrun" else env
+    return "online" if has_api_key() else "offline"
+
+
+class RunLogger(WandbLogger):
+    """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train)."""
+
+    def finish_run(self, metrics: dict) -> None:
+        if self._experiment is None:
+            return
+        self._experiment.summary.update({f"final/{k}": v for k, v in metrics.items()
+                                         if isinstance(v, (int, float, str, bool))})
+        self._experiment.finish()
+        self._experiment = None
+
+
+def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
+    import wandb
+
+    from allconv.experiment import run_name
+    from allconv.models import config_name
+
+    lg = cfg.logger
+    mode = resolve_mode(lg.get("mode", "auto"))
+    if mode == "offline" and lg.get("mode", "auto") == "auto" and not os.environ.get("WANDB_MODE"):
+        print(f"wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to {run_dir / 'wandb'}; "
+              f"upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`", file=sys.stderr)
+    if wandb.run is not None:  # left open by an earlier job of this process that failed
+        wandb.finish(exit_code=1)
+    model = config_name(cfg.model.family, cfg.model.variant)
+    save_dir = Path(lg.save_dir) if lg.get("save_dir") else run_dir
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return RunLogger(
+        name=run_name(cfg),
+        group=lg.get("group") or f"{model}_lr{cfg.optim.lr}",
+        project=lg.project,
+        entity=lg.get("entity"),
+        save_dir=str(save_dir),
+        mode=mode,
+        tags=list(lg.get("tags") or []) + [model, f"lr{cfg.optim.lr}", cfg.data.source],
+        job_type="train",
+        log_model=bool(lg.get("log_model")) and mode == "online",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        reinit="finish_previous",
+    )
