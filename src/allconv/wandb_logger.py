@@ -50,6 +50,10 @@ def resolve_mode(requested: str) -> str:
 class RunLogger(WandbLogger):
     """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
+
     def finish_run(self, metrics: dict) -> None:
         if self._experiment is None:
             return
