@@ -100,7 +100,15 @@ def download_official(name: str, root: str | Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     ds = _torchvision_dataset(name)
-    download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
+    try:
+        download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
+    except (RuntimeError, OSError) as e:  # md5 mismatch ("File not found or corrupted."), network, disk
+        archive = Path(root) / ds.filename
+        if archive.is_file() and _md5(archive) != ds.tgz_md5:
+            archive.unlink()  # a bad download must not be mistaken for the archive next time
+        raise DataError(f"download of {ds.url} into data.root {str(root)!r} failed its md5 check or did not "
+                        f"complete ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                        f"check the network, or put {folder}/ into data.root and set data.download=false") from None
 
 
 def load_npz(path: str | Path, num_classes: int) -> dict:
