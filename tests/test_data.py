@@ -174,7 +174,8 @@ def test_val_split_is_held_out_before_the_fit(make_npz, cache_dir, monkeypatch):
 
     def spy(x, key, cdir, filter_bias=0.1):  # records what the fit sees; skips the slow 3072x3072 eigh
         seen.append(x.clone())
-        state = {"filter_bias": filter_bias, "mean": x.double().mean(0), "P": torch.eye(x.shape[1], dtype=torch.float64)}
+        eye = torch.eye(x.shape[1], dtype=torch.float64)
+        state = {"filter_bias": filter_bias, "mean": x.double().mean(0), "P": eye}
         return pp.ZCA.from_state_dict(state), False
 
     monkeypatch.setattr(pp, "fit_zca_cached", spy)
