@@ -120,7 +120,8 @@ def load_npz(path: str | Path, num_classes: int) -> dict:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"data.path {str(path)!r} is not a readable .npz arrays file ({type(e).__name__})")
+        raise DataError(f"data.path {str(path)!r} is not a readable .npz arrays file ({type(e).__name__}); "
+                        f"expected an .npz with x_train, y_train, x_test, y_test") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"data.path {str(path)!r} lacks {', '.join(missing)}; needs x_train, y_train, x_test, y_test")
@@ -145,7 +146,7 @@ def _check_writable(root: Path) -> None:
     probe = root
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):  # a file on the path blocks mkdir too
         raise DataError(f"data.root {str(root)!r} cannot be written (download needs a writable folder)")
 
 

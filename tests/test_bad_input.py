@@ -1,0 +1,116 @@
+"""Bad input through the real CLI: non-zero exit, one last line naming the value and what is allowed,
+no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import last_line, write_npz
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its size and mtime."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else None, st.st_mtime_ns)
+    return out
+
+
+def _npz(tmp: Path, kind: str) -> Path:
+    path = tmp / f"{kind}.npz"
+    if kind == "corrupt":
+        write_npz(path, n_train=16, n_test=8)
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == "shape":
+        write_npz(path, n_train=16, n_test=8, x_train=np.zeros((16, 3, 32, 32), np.uint8))
+    elif kind == "dtype":
+        write_npz(path, n_train=16, n_test=8, x_test=np.zeros((8, 32, 32, 3), np.float64))
+    elif kind == "labels":
+        write_npz(path, n_train=16, n_test=8, y_train=np.array([0] * 15 + [12]))
+    elif kind == "ok":
+        write_npz(path, n_train=16, n_test=8)
+    return path
+
+
+# (id, overrides builder (tmp -> list), substrings the last line must hold: the value, what is allowed)
+CASES = [
+    ("unknown_model", lambda t: ["model=all_cnn_d"], ["all_cnn_d", "allowed", "all_cnn_c", "model_a"]),
+    ("unknown_variant", lambda t: ["model/variant=pooled"], ["pooled", "allowed", "allcnn", "strided"]),
+    ("negative_lr", lambda t: ["optim.lr=-0.1"], ["optim.lr", "-0.1", "positive"]),
+    ("dropout_one", lambda t: ["model.dropout_input=1.0"], ["dropout_input", "1.0", "[0, 1)"]),
+    ("dropout_negative", lambda t: ["model.dropout_pool=-0.2"], ["dropout_pool", "-0.2", "[0, 1)"]),
+    ("width_zero", lambda t: ["model.width=0"], ["model.width", "0", "positive"]),
+    ("unknown_key", lambda t: ["optim.lrr=0.1"], ["optim.lrr", "+key=value"]),
+    ("missing_root_no_download",
+     lambda t: ["data=cifar10", f"data.root={t / 'no_such_root'}", "data.download=false"],
+     ["no_such_root", "data.download=false", "data.download=true"]),
+    ("npz_missing", lambda t: ["data=npz", f"data.path={t / 'nope.npz'}"], ["nope.npz", "x_train"]),
+    ("npz_corrupt", lambda t: ["data=npz", f"data.path={_npz(t, 'corrupt')}"], ["corrupt.npz", "x_train"]),
+    ("npz_shape", lambda t: ["data=npz", f"data.path={_npz(t, 'shape')}"], ["(16, 3, 32, 32)", "(N, 32, 32, 3)"]),
+    ("npz_dtype", lambda t: ["data=npz", f"data.path={_npz(t, 'dtype')}"], ["float64", "uint8"]),
+    ("npz_labels", lambda t: ["data=npz", f"data.path={_npz(t, 'labels')}"], ["label 12", "0..9"]),
+    ("root_under_a_file", lambda t: ["data=cifar10", f"data.root={_file(t) / 'sub'}", "data.download=true"],
+     ["a_file", "cannot be written"]),
+]
+
+
+def _file(tmp: Path) -> Path:
+    p = tmp / "a_file"
+    p.write_text("not a folder\n")
+    return p
+
+
+def check_rejected(run_train, tmp_path: Path, overrides: list[str], expect: list[str]) -> str:
+    run_dir = tmp_path / "run"
+    before = snapshot(tmp_path)
+    rc, out, err = run_train(*overrides, f"hydra.run.dir={run_dir}", "trainer.max_epochs=1",
+                             f"data.cache_dir={tmp_path / 'zca'}", cwd=tmp_path)
+    line = last_line(err)
+    assert rc != 0, (out, err)
+    assert "Traceback" not in err, err
+    assert line.startswith("error: "), err
+    for s in expect:
+        assert s in line, (s, line)
+    assert not run_dir.exists()
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+    assert "test error" not in out
+    return line
+
+
+@pytest.mark.parametrize("case_id,make,expect", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_before_training(run_train, tmp_path, case_id, make, expect):
+    work = tmp_path / "w"
+    work.mkdir()
+    overrides = make(work)
+    check_rejected(run_train, work, overrides, expect)
+
+
+def test_read_only_data_root(run_train, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        probe = ro / "probe"
+        try:
+            probe.mkdir()
+        except PermissionError:
+            pass
+        else:
+            probe.rmdir()
+            pytest.skip("this user (root?) can write a read-only folder; the <file>/sub case covers unwritable roots")
+        check_rejected(run_train, tmp_path, ["data=cifar10", f"data.root={ro / 'cifar'}", "data.download=true"],
+                       ["ro/cifar", "cannot be written"])
+    finally:
+        ro.chmod(0o755)
+
+
+def test_sweep_with_one_bad_value_fails_before_any_job(run_train, tmp_path):
+    check_rejected(run_train, tmp_path, ["-m", "optim.lr=0.1,-1"], ["optim.lr", "-1", "positive"])
+    assert not (tmp_path / "multirun").exists()
