@@ -24,9 +24,6 @@ def args(tmp_path, run):
             "callbacks.guided_backprop.every_n_epochs=0", f"hydra.run.dir={run}"]
 
 
-@pytest.mark.xfail(reason="callbacks.build_callbacks: ModelCheckpoint(save_top_k=0, save_last=True) writes last.ckpt "
-                          "only at the end of training in Lightning 2.6, so there is nothing to resume mid-run; passes "
-                          "once last.ckpt is saved every epoch", strict=False)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -28,6 +27,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(checkpoint, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt every n epochs, nothing else.
+
+    Lightning 2.6's ModelCheckpoint(save_top_k=0, save_last=True) writes last.ckpt only in a step
+    where it also wrote a top-k file, i.e. only at the end of fit: a killed run had nothing to resume.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module):
+        pass  # saved at the end of the training epoch, after the guard has checked the loss
 
 
 class FiniteLossGuard(L.Callback):
@@ -55,8 +71,8 @@ def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
     cbs: list[L.Callback] = [FiniteLossGuard()]
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
-        cbs.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                   every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True))
+        cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                  every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True))
     if c.progress_bar == "rich":
         cbs.append(RichProgressBar(leave=True))
     elif c.progress_bar == "tqdm":
@@ -67,5 +83,3 @@ def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
         cbs.append(GuidedBackpropGrid(run_dir=run_dir, **c.guided_backprop))
     return cbs
 
-
-__all__ = ["AtomicCheckpointIO", "FiniteLossGuard", "NonFiniteLossError", "build_callbacks", "torch"]
