@@ -20,8 +20,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = experiment.train(cfg, out)
     except (experiment.ConfigError, DataError, NonFiniteLossError) as e:
-        experiment.write_json(out / "metrics.json", {"status": "failed", "error": str(e),
-                                                     "model": cli.model_name(cfg), "lr": cfg.optim.lr, "seed": cfg.seed})
+        failed = {"status": "failed", "error": str(e), "model": cli.model_name(cfg)}
+        experiment.write_json(out / "metrics.json", {**failed, "lr": cfg.optim.lr, "seed": cfg.seed})
         if cli.is_multirun():  # the sweep goes on; the report lists this run as failed
             print(f"error: {e}", file=sys.stderr)
             return None

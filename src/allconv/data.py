@@ -60,7 +60,8 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry[label_key], dtype=np.int64)
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is not a CIFAR batch file in the official python format ({type(e).__name__}: {e})")
+        raise DataError(f"{path} is not a CIFAR batch file in the official python format ({type(e).__name__}: {e})") \
+            from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
@@ -77,9 +78,11 @@ def load_official(name: str, root: str | Path, verify_md5: bool = True) -> dict:
         for fname in files:
             path = base / fname
             if not path.is_file():
-                raise DataError(f"missing {path}; set data.download=true or point data.root at a folder holding {folder}/")
+                raise DataError(f"missing {path}; set data.download=true or point data.root at a folder "
+                                f"holding {folder}/")
             if verify_md5 and _md5(path) != md5s[fname]:
-                raise DataError(f"{path} fails its md5 check (expected {md5s[fname]}); delete it and set data.download=true")
+                raise DataError(f"{path} fails its md5 check (expected {md5s[fname]}); "
+                                f"delete it and set data.download=true")
             x, y = read_cifar_batch(path, label_key)
             xs.append(x)
             ys.append(y)
@@ -115,7 +118,8 @@ def load_npz(path: str | Path, num_classes: int) -> dict:
     """Read and validate an arrays file: x_* uint8 (N, 32, 32, 3), y_* integers in [0, num_classes)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} does not exist; expected an .npz with x_train, y_train, x_test, y_test")
+        raise DataError(f"data.path {str(path)!r} does not exist; "
+                        f"expected an .npz with x_train, y_train, x_test, y_test")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
 from allconv.curves import plot_run
-from allconv.data import CIFARDataModule, DataError
+from allconv.data import CIFARDataModule
 from allconv.module import AllConvModule
 
 
@@ -200,7 +200,8 @@ def evaluate(ckpt_path: str, data_overrides: dict, trainer_overrides: dict) -> d
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
-        raise ConfigError(f"checkpoint {ckpt_path!r} does not match its model {cfg.model.family}/{cfg.model.variant}") from None
+        raise ConfigError(f"checkpoint {ckpt_path!r} does not match its model "
+                          f"{cfg.model.family}/{cfg.model.variant}") from None
     trainer = L.Trainer(logger=False, **{**trainer_kwargs(cfg), "max_epochs": 1})
     trainer.test(module, datamodule=dm, verbose=False)
     return {"model": models.config_name(cfg.model.family, cfg.model.variant), "ckpt_path": str(ckpt_path),

@@ -23,7 +23,8 @@ INITS = ("he", "xavier", "default")
 # The paper's names, for tables and run names.
 NAMES = {"base": "Model {F}", "strided": "Strided-CNN-{F}", "convpool": "ConvPool-CNN-{F}", "allcnn": "All-CNN-{F}"}
 # Hydra option name of each network: conf/model/<key>.yaml
-CONFIG_NAMES = {"base": "model_{f}", "strided": "strided_cnn_{f}", "convpool": "convpool_cnn_{f}", "allcnn": "all_cnn_{f}"}
+CONFIG_NAMES = {"base": "model_{f}", "strided": "strided_cnn_{f}", "convpool": "convpool_cnn_{f}",
+                "allcnn": "all_cnn_{f}"}
 BLOCK_WIDTHS = (96, 192)
 HEAD_WIDTH = 192
 

@@ -129,7 +129,8 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None, filter_bias: float = 0.1) -> tuple[ZCA, bool]:
+def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
+                   filter_bias: float = 0.1) -> tuple[ZCA, bool]:
     """Fit ZCA on x_gcn, or load the fit cached under key. Returns (zca, loaded_from_cache)."""
     if cache_dir is None:
         return ZCA(filter_bias).fit(x_gcn), False
