@@ -1,0 +1,143 @@
+"""Every model option composes and trains (fast_dev_run); the CLI writes metrics.json; seeds; non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from allconv import callbacks as C
+from allconv import experiment, models
+from conftest import last_line, write_npz
+
+OPTIONS = [models.config_name(f, v) for f, v in models.all_networks()]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    return write_npz(tmp_path_factory.mktemp("data") / "tiny.npz", n_train=48, n_test=20)
+
+
+def base_overrides(npz, cache, *extra):
+    return ["data=npz", f"data.path={npz}", f"data.cache_dir={cache}", "model.width=0.125", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "callbacks.progress_bar=none", "data.batch_size=16",
+            "data.eval_batch_size=16", *extra]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_model_option_composes_and_runs_fast_dev_run(compose_cfg, tiny_npz, shared_cache_dir, tmp_path, option):
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, f"model={option}", "data.preprocess=none",
+                                      "trainer.fast_dev_run=true", "logger=none"))
+    family, variant = next((f, v) for f, v in models.all_networks() if models.config_name(f, v) == option)
+    assert (cfg.model.family, cfg.model.variant) == (family, variant)
+    net = experiment.build_net(cfg)
+    assert models.count_params(net) == models.count_params(models.build(family, variant, width=0.125))
+    metrics = experiment.train(cfg, tmp_path / "run")
+    assert metrics["model"] == option
+    assert 0.0 <= metrics["test_error"] <= 1.0
+
+
+def test_variant_override_on_a_model_option(compose_cfg, tiny_npz, shared_cache_dir):
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model=all_cnn_c", "model/variant=strided",
+                                      "model.width=1.0"))
+    assert (cfg.model.family, cfg.model.variant) == ("c", "strided")
+    net = experiment.build_net(cfg)
+    assert models.count_params(net) == 954_730  # Strided-CNN-C
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    cfg100 = compose_cfg("data=cifar100", "model=model_a")
+    assert cfg100.data.num_classes == 100
+    assert experiment.build_net(cfg100)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    rc, out, err = run_train(*base_overrides(tiny_npz, tmp_path / "zca", "model=model_a", "trainer.max_epochs=1",
+                                             "data.val_size=8", "optim.lr=0.01", "seed=3", f"hydra.run.dir={run_dir}"))
+    assert rc == 0, err[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("model", "data", "lr", "seed", "params", "test_error", "wall_time_s", "val_error"):
+        assert key in metrics, key
+    assert metrics["model"] == "model_a" and metrics["data"] == "npz"
+    assert metrics["lr"] == 0.01 and metrics["seed"] == 3
+    assert metrics["params"] == models.count_params(models.build("a", "base", width=0.125))
+    assert 0.0 <= metrics["test_error"] <= 1.0
+    assert abs(metrics["test_error"] * 20 - round(metrics["test_error"] * 20)) < 1e-4  # a fraction of 20 test images
+    assert 0.0 <= metrics["val_error"] <= 1.0
+    assert abs(metrics["val_error"] * 8 - round(metrics["val_error"] * 8)) < 1e-4
+    assert metrics["wall_time_s"] > 0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "zca").glob("zca-*.pt"))  # GCN+ZCA ran and cached its fit
+    assert "Traceback" not in err
+
+
+def _train_once(compose_cfg, npz, cache, run_dir, seed):
+    cfg = compose_cfg(*base_overrides(npz, cache, "model=all_cnn_a", "data.preprocess=standardize",
+                                      "trainer.max_epochs=2", "logger=none", f"seed={seed}", "data.augment=true"))
+    metrics = experiment.train(cfg, run_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return metrics, state
+
+
+def test_seeds_make_cpu_runs_repeatable(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
+    m1, s1 = _train_once(compose_cfg, tiny_npz, shared_cache_dir, tmp_path / "r1", seed=7)
+    m2, s2 = _train_once(compose_cfg, tiny_npz, shared_cache_dir, tmp_path / "r2", seed=7)
+    m3, s3 = _train_once(compose_cfg, tiny_npz, shared_cache_dir, tmp_path / "r3", seed=8)
+    skip = {"wall_time_s"}
+    assert {k: v for k, v in m1.items() if k not in skip} == {k: v for k, v in m2.items() if k not in skip}
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k
+    assert any(not torch.equal(s1[k], s3[k]) for k in s1 if s1[k].is_floating_point())  # the seed matters
+
+
+class Poison(L.Callback):
+    """Replace one training batch by NaNs (epoch 1, step 2)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            batch[0].fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_last_good_checkpoint_stays(compose_cfg, tiny_npz, shared_cache_dir, tmp_path,
+                                                                monkeypatch):
+    real = C.build_callbacks
+    monkeypatch.setattr(C, "build_callbacks", lambda cfg, run_dir: [Poison(), *real(cfg, run_dir)])
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model=all_cnn_a", "data.preprocess=none",
+                                      "trainer.max_epochs=3", "logger=none", "data.batch_size=8"))
+    run_dir = tmp_path / "run"
+    with pytest.raises(C.NonFiniteLossError) as e:
+        experiment.train(cfg, run_dir)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "epoch 1" in msg and "step 2" in msg
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert str(ckpt) in msg or "last.ckpt" in msg
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0  # written after the good epoch, not after the bad one
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    net = experiment.build_net(cfg)
+    net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
+    assert torch.isfinite(net.eval()(torch.zeros(2, 3, 32, 32))).all()
+    assert not (run_dir / "metrics.json").exists() or json.loads((run_dir / "metrics.json").read_text()).get(
+        "status") != "ok"
+
+
+def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
+    run_dir = tmp_path / "run"
+    rc, out, err = run_train(*base_overrides(tiny_npz, tmp_path / "zca", "model=model_a", "optim.lr=1e6",
+                                             "trainer.max_epochs=3", "data.preprocess=none", "logger=none",
+                                             f"hydra.run.dir={run_dir}"))
+    line = last_line(err)
+    assert rc != 0
+    assert "Traceback" not in err, err[-3000:]
+    assert line.startswith("error: ") and "non-finite loss" in line and "epoch" in line and "step" in line, line
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if "no checkpoint" not in line:  # it diverged after a good epoch: that checkpoint stays loadable
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert all(math.isfinite(float(v.abs().max())) for v in state["state_dict"].values()
+                   if v.is_floating_point() and v.numel())
