@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         train += ["trainer=cpu", "model.width=0.05", "data.preprocess=standardize"]
     elif cuda:
         train += ["model.channels_last=true"]
-    run(train, timeout=max(60.0, a.budget_s + 60 - (time.monotonic() - t0)))
+    run(train, timeout=max(60.0, a.budget_s + 25 - (time.monotonic() - t0)))  # the call stays under 8 min
     m = json.loads((work / "train" / "metrics.json").read_text())
     shutil.copy(work / "train" / "metrics.json", out / "train_metrics.json")
     epoch_times = []
