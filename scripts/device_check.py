@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     train = [py, "src/train.py", "model=all_cnn_c", "data=npz", f"data.path={arrays}",
              f"data.cache_dir={work / 'zca'}", f"trainer.max_epochs={epochs}",
              f"optim.milestones=[{','.join(map(str, milestones))}]", "logger=csv", "callbacks.progress_bar=none",
-             "callbacks.checkpoint.every_n_epochs=0", "trainer.enable_progress_bar=false", "print_config=false",
+             "callbacks.checkpoint.every_n_epochs=0", "callbacks.guided_backprop.every_n_epochs=0",  # no captum there
+             "trainer.enable_progress_bar=false", "print_config=false",
              f"hydra.run.dir={work / 'train'}"]
     if a.dry_run:
         train += ["trainer=cpu", "model.width=0.05", "data.preprocess=standardize"]
