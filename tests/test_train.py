@@ -75,7 +75,7 @@ def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
 
 def _train_once(compose_cfg, npz, cache, run_dir, seed):
     cfg = compose_cfg(*base_overrides(npz, cache, "model=all_cnn_a", "data.preprocess=standardize",
-                                      "trainer.max_epochs=2", "logger=none", f"seed={seed}", "data.augment=true"))
+                                      "trainer.max_epochs=1", "logger=none", f"seed={seed}", "data.augment=true"))
     metrics = experiment.train(cfg, run_dir)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     return metrics, state
