@@ -279,7 +279,7 @@ def main(argv=None) -> dict:
         known = ", ".join(models.config_name(f, v) for f, v in models.all_networks())
         sys.exit(f"error: unknown network in --networks {args.networks!r}; allowed: {known}")
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     tensors = load_tensors(args, device)
     peak, peak_source = (args.peak_tflops, "given") if args.peak_tflops else peak_tflops(device, tkw["precision"])
     rows = []
@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size, "batches_per_epoch": rows[0]["batches_per_epoch"], "repeats": args.repeats,
         "warmup": args.warmup, "data": args.data if args.data == "synthetic" else f"{Path(args.data).name} "
         f"({args.preprocess})", "progress_bar": args.progress_bar, "peak_tflops": peak, "peak_source": peak_source,
-        "load_before": load_before, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_before": load_before, "load_after": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "pooled_ratio": pooled["_s"], "pooled_ratio_cpu_time": pooled["_cpu_s"],
         "median_ratio_cpu_time": statistics.median(r["ratio_cpu_time"] for r in rows),
