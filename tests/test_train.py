@@ -38,6 +38,7 @@ def test_every_model_option_composes_and_runs_fast_dev_run(compose_cfg, tiny_npz
     metrics = experiment.train(cfg, tmp_path / "run")
     assert metrics["model"] == option
     assert 0.0 <= metrics["test_error"] <= 1.0
+    assert "val_error" not in metrics  # no split (data.val_size=0), no validation error
 
 
 def test_variant_override_on_a_model_option(compose_cfg, tiny_npz, shared_cache_dir):
