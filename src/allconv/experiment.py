@@ -47,7 +47,15 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1, got {cfg.trainer.max_epochs!r}")
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    build_net(cfg)  # the model knobs are checked by the builder
+    net = build_net(cfg)  # the model knobs are checked by the builder
+    gb = cfg.callbacks.get("guided_backprop")
+    if gb and gb.get("every_n_epochs"):
+        from allconv.visualize import validate
+
+        try:
+            validate(net, str(gb.layer), gb.unit)
+        except ValueError as e:
+            raise ConfigError(f"callbacks.guided_backprop: {e}") from None
 
 
 def preflight_check(cfg: DictConfig) -> None:
