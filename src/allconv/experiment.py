@@ -75,7 +75,10 @@ def build_net(cfg: DictConfig) -> torch.nn.Module:
 
 
 def build_datamodule(cfg: DictConfig) -> CIFARDataModule:
-    return CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if cfg.get("model") is not None and cfg.model.get("compile"):
+        data["drop_last"] = True  # a compiled network sees one training batch shape: no recompiles
+    return CIFARDataModule(**data, seed=cfg.seed)
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module) -> AllConvModule:
