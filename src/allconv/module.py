@@ -33,7 +33,8 @@ class AllConvModule(L.LightningModule):
         # Compile the network, not the LightningModule: hooks and logging stay eager. Kept out of
         # the module registry so checkpoints hold the weights once, under net.*.
         object.__setattr__(self, "forward_net", torch.compile(self.net) if compile else self.net)
-        metric = dict(task="multiclass", num_classes=num_classes)
+        # validate_args=False: the argument checks call torch.unique, a host sync on every step.
+        metric = dict(task="multiclass", num_classes=num_classes, validate_args=False)
         self.train_acc = torchmetrics.Accuracy(**metric)
         self.val_acc = torchmetrics.Accuracy(**metric)
         self.test_acc = torchmetrics.Accuracy(**metric)
