@@ -108,8 +108,11 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.Trainer:
     from allconv.callbacks import AtomicCheckpointIO
 
+    kwargs = trainer_kwargs(cfg)
+    if cfg.callbacks.get("progress_bar") == "none":
+        kwargs["enable_progress_bar"] = False  # else Lightning adds its own bar
     return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
-                     plugins=[AtomicCheckpointIO()], **trainer_kwargs(cfg))
+                     plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):

@@ -180,7 +180,8 @@ def markdown(rows: list[Row], bad: list[Run], missing: list, runs: list[Run]) ->
         paper, review = REFERENCE.get(r.model, (None, None))
         params = f"{r.params:,}" if isinstance(r.params, int) else "–"
         lines.append(f"| {r.name} | {r.lr:g} (of {r.n_lrs}) | {r.selected_on} | {', '.join(map(str, r.seeds))} "
-                     f"| {r.test[0]:.2f} ± {r.test[1]:.2f} | {_pct(paper)} | {_pct(review)} | {params} "
+                     f"| {r.test[0]:.2f}{f' ± {r.test[1]:.2f}' if len(r.seeds) > 1 else ''} "
+                     f"| {_pct(paper)} | {_pct(review)} | {params} "
                      f"| {_fmt_time(r.wall_s)} |")
     if bad:
         lines += ["", "## Failed or incomplete runs", "", "| run | model | lr | seed | status | reason |",
