@@ -65,7 +65,7 @@ def test_lr_selected_on_validation_when_runs_have_a_split(tmp_path):
     text, _ = report.report([sweep], plot=False)
     row = next(line for line in text.splitlines() if line.startswith("| All-CNN-C"))
     cells = [c.strip() for c in row.split("|")]
-    assert cells[2].startswith("0.05") and cells[3] == "validation" and cells[5] == "25.00 ± 0.00"
+    assert cells[2].startswith("0.05") and cells[3] == "validation" and cells[5] == "25.00"
     assert report.ON_TEST not in text
 
 
