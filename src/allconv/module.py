@@ -39,6 +39,9 @@ class AllConvModule(L.LightningModule):
         self.val_acc = torchmetrics.Accuracy(**metric)
         self.test_acc = torchmetrics.Accuracy(**metric)
         self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        # The step counter lives on the device too: torch.tensor(batch_idx, device="cuda") would be a
+        # host-to-device copy from pageable memory, which synchronises the stream every step.
+        self.register_buffer("step_in_epoch", torch.tensor(0, dtype=torch.long), persistent=False)
         self._epoch_start = None
         self._loss_sum, self._seen = torch.zeros(()), 0
 
@@ -53,8 +56,8 @@ class AllConvModule(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         # Remember the first non-finite step without a host sync (checked once per epoch).
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0),
-                                              torch.tensor(batch_idx, device=loss.device), self.first_bad_step))
+        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0), self.step_in_epoch, self.first_bad_step))
+        self.step_in_epoch += 1
         # Sums on the device, logged once per epoch: self.log per step costs ~1 ms of Python.
         self.train_acc.update(logits.detach(), y)
         self._loss_sum += loss.detach() * len(y)
@@ -64,6 +67,7 @@ class AllConvModule(L.LightningModule):
     def on_train_epoch_start(self):
         self._epoch_start = time.perf_counter()
         self._loss_sum, self._seen = torch.zeros((), device=self.device), 0
+        self.step_in_epoch.zero_()
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self):
