@@ -3,7 +3,8 @@
 Trains All-CNN-C (GCN + ZCA on the first 3,000 training images, SGD momentum 0.9, weight decay
 1e-3) for a number of steps and prints, every 20 steps, the loss, the gradient norm and the
 fraction of active units after each ReLU, for each JSON spec (keys of allconv.models.build, plus
-lr, steps, bs = batch size, warmup = linear warm-up steps, freeze_bias = keep hidden biases at 0).
+lr, steps, bs = batch size, warmup = linear warm-up steps, freeze_bias = keep hidden biases at 0,
+clip = gradient-norm clipping threshold).
 
     python scripts/dying_relu_probe.py data/cifar10-jpeg-arrays.npz '{"lr":0.25,"final_bias":1.0}'
 """
@@ -26,7 +27,7 @@ y = torch.from_numpy(d["y_train"][:n])
 for spec in sys.argv[2:]:
     kw = json.loads(spec)
     lr, steps, bs = kw.pop("lr"), kw.pop("steps", 120), kw.pop("bs", 128)
-    warmup, freeze_bias = kw.pop("warmup", 0), kw.pop("freeze_bias", False)
+    warmup, freeze_bias, clip = kw.pop("warmup", 0), kw.pop("freeze_bias", False), kw.pop("clip", None)
     torch.manual_seed(0)
     net = build("c", "allcnn", width=kw.pop("width", 0.25), **kw)
     if freeze_bias:
@@ -44,7 +45,7 @@ for spec in sys.argv[2:]:
         loss = F.cross_entropy(net(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip or float("inf"))
         opt.step()
         if step % 20 == 0 or step == steps - 1:
             print(spec, step, f"loss {loss.item():.3f} grad norm {gnorm:.2f} active",

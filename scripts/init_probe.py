@@ -3,7 +3,8 @@
 Trains All-CNN-C (width 0.25, GCN + ZCA, SGD momentum 0.9, weight decay 1e-3, batch 128) on the
 first N training images of an arrays file for a few passes and prints test accuracy on 2,000 test
 images after each pass, for each JSON spec given (keys of allconv.models.build, plus lr, epochs,
-scale = input multiplier, warmup = linear warm-up steps, gain = multiplier on every conv's init).
+scale = input multiplier, warmup = linear warm-up steps, gain = multiplier on every conv's init,
+clip = gradient-norm clipping threshold).
 
     python scripts/init_probe.py data/cifar10-jpeg-arrays.npz 10000 '{"lr":0.05,"init":"he","final_bias":1.0}'
 """
@@ -32,7 +33,7 @@ print("whitened train std", round(xtr.std().item(), 3), flush=True)
 for spec in sys.argv[3:]:
     kw = json.loads(spec)
     lr, epochs, scale = kw.pop("lr"), kw.pop("epochs", 2), kw.pop("scale", 1.0)
-    warmup, gain = kw.pop("warmup", 0), kw.pop("gain", 1.0)
+    warmup, gain, clip = kw.pop("warmup", 0), kw.pop("gain", 1.0), kw.pop("clip", None)
     torch.manual_seed(0)
     net = build("c", "allcnn", width=kw.pop("width", 0.25), **kw)
     with torch.no_grad():
@@ -52,6 +53,8 @@ for spec in sys.argv[3:]:
             loss = F.cross_entropy(net(xtr[idx] * scale), ytr[idx])
             opt.zero_grad()
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
         net.eval()
         with torch.no_grad():

@@ -142,3 +142,33 @@ def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         assert all(math.isfinite(float(v.abs().max())) for v in state["state_dict"].values()
                    if v.is_floating_point() and v.numel())
+
+
+def test_gradient_clipping_is_the_trainers_and_can_be_turned_off(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=0.5", "logger=none"))
+    trainer = experiment.build_trainer(cfg, tmp_path, [], False)
+    assert trainer.gradient_clip_val == 0.5 and trainer.gradient_clip_algorithm == "norm"
+    off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=null", "logger=none"))
+    assert experiment.build_trainer(off, tmp_path, [], False).gradient_clip_val is None
+    with pytest.raises(experiment.ConfigError, match="clip_grad_norm"):
+        experiment.check_config(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=-1")))
+
+
+def test_clipping_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
+    """With momentum and weight decay off, one step moves the weights by exactly lr * min(|g|, clip)."""
+    def first_step(clip):
+        cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, f"optim.clip_grad_norm={clip}", "optim.lr=10",
+                                          "optim.momentum=0", "optim.weight_decay=0", "model.dropout_input=0",
+                                          "model.dropout_pool=0", "+trainer.max_steps=1", "logger=none",
+                                          "callbacks.checkpoint.every_n_epochs=0",
+                                          "callbacks.guided_backprop.every_n_epochs=0"))
+        L.seed_everything(0)
+        module = experiment.build_module(cfg, experiment.build_net(cfg))
+        before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
+        trainer = experiment.build_trainer(cfg, tmp_path / str(clip), [], False)
+        trainer.fit(module, datamodule=experiment.build_datamodule(cfg))
+        return (torch.cat([p.detach().flatten() for p in module.net.parameters()]) - before).norm().item()
+
+    unclipped = first_step("null")
+    assert unclipped > 10 * 1e-3  # the gradient norm exceeds the clip below, so clipping must act
+    assert first_step(1e-3) == pytest.approx(10 * 1e-3, rel=1e-3)
