@@ -4,7 +4,8 @@ Trains All-CNN-C (GCN + ZCA on the first 3,000 training images, SGD momentum 0.9
 1e-3) for a number of steps and prints, every 20 steps, the loss, the gradient norm and the
 fraction of active units after each ReLU, for each JSON spec (keys of allconv.models.build, plus
 lr, steps, bs = batch size, warmup = linear warm-up steps, freeze_bias = keep hidden biases at 0,
-clip = gradient-norm clipping threshold).
+clip = gradient-norm clipping threshold, fan_out = Kaiming fan-out init, zero_final = zero class-layer
+weights, maxnorm = cap on every hidden filter's L2 norm after each step, as pylearn2's max_kernel_norm).
 
     python scripts/dying_relu_probe.py data/cifar10-jpeg-arrays.npz '{"lr":0.25,"final_bias":1.0}'
 """
@@ -28,10 +29,17 @@ for spec in sys.argv[2:]:
     kw = json.loads(spec)
     lr, steps, bs = kw.pop("lr"), kw.pop("steps", 120), kw.pop("bs", 128)
     warmup, freeze_bias, clip = kw.pop("warmup", 0), kw.pop("freeze_bias", False), kw.pop("clip", None)
+    fan_out, zero_final, maxnorm = kw.pop("fan_out", False), kw.pop("zero_final", False), kw.pop("maxnorm", None)
     torch.manual_seed(0)
     net = build("c", "allcnn", width=kw.pop("width", 0.25), **kw)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    if fan_out:
+        for m in convs:
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if zero_final:
+        torch.nn.init.zeros_(convs[-1].weight)
     if freeze_bias:
-        for m in [m for m in net if isinstance(m, torch.nn.Conv2d)][:-1]:
+        for m in convs[:-1]:
             m.bias.requires_grad_(False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-3)
     active: dict[int, float] = {}
@@ -47,6 +55,10 @@ for spec in sys.argv[2:]:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip or float("inf"))
         opt.step()
+        if maxnorm:
+            with torch.no_grad():
+                for m in convs[:-1]:
+                    m.weight.mul_(maxnorm / m.weight.flatten(1).norm(dim=1).clamp(min=maxnorm)[:, None, None, None])
         if step % 20 == 0 or step == steps - 1:
             print(spec, step, f"loss {loss.item():.3f} grad norm {gnorm:.2f} active",
                   [round(active[k], 2) for k in sorted(active)], flush=True)
