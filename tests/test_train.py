@@ -144,20 +144,22 @@ def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
                    if v.is_floating_point() and v.numel())
 
 
-def test_gradient_clipping_is_the_trainers_and_can_be_turned_off(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
-    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=0.5", "logger=none"))
+def test_update_cap_is_the_trainers_gradient_clipping_and_can_be_turned_off(compose_cfg, tiny_npz, shared_cache_dir,
+                                                                             tmp_path):
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=0.125", "optim.lr=0.25",
+                                      "logger=none"))
     trainer = experiment.build_trainer(cfg, tmp_path, [], False)
-    assert trainer.gradient_clip_val == 0.5 and trainer.gradient_clip_algorithm == "norm"
-    off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=null", "logger=none"))
+    assert trainer.gradient_clip_val == pytest.approx(0.5) and trainer.gradient_clip_algorithm == "norm"
+    off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=null", "logger=none"))
     assert experiment.build_trainer(off, tmp_path, [], False).gradient_clip_val is None
-    with pytest.raises(experiment.ConfigError, match="clip_grad_norm"):
-        experiment.check_config(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.clip_grad_norm=-1")))
+    with pytest.raises(experiment.ConfigError, match="max_update_norm"):
+        experiment.check_config(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
 
 
-def test_clipping_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
-    """With momentum and weight decay off, one step moves the weights by exactly lr * min(|g|, clip)."""
-    def first_step(clip):
-        cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, f"optim.clip_grad_norm={clip}", "optim.lr=10",
+def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
+    """With momentum and weight decay off, one step moves the weights by exactly min(lr * |g|, max_update_norm)."""
+    def first_step(cap):
+        cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, f"optim.max_update_norm={cap}", "optim.lr=10",
                                           "optim.momentum=0", "optim.weight_decay=0", "model.dropout_input=0",
                                           "model.dropout_pool=0", "+trainer.max_steps=1", "logger=none",
                                           "callbacks.checkpoint.every_n_epochs=0",
@@ -165,10 +167,10 @@ def test_clipping_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_
         L.seed_everything(0)
         module = experiment.build_module(cfg, experiment.build_net(cfg))
         before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
-        trainer = experiment.build_trainer(cfg, tmp_path / str(clip), [], False)
+        trainer = experiment.build_trainer(cfg, tmp_path / str(cap), [], False)
         trainer.fit(module, datamodule=experiment.build_datamodule(cfg))
         return (torch.cat([p.detach().flatten() for p in module.net.parameters()]) - before).norm().item()
 
     unclipped = first_step("null")
-    assert unclipped > 10 * 1e-3  # the gradient norm exceeds the clip below, so clipping must act
-    assert first_step(1e-3) == pytest.approx(10 * 1e-3, rel=1e-3)
+    assert unclipped > 10 * 1e-2  # lr * |g| exceeds the cap below, so the cap must act
+    assert first_step(1e-2) == pytest.approx(1e-2, rel=1e-3)

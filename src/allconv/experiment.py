@@ -43,9 +43,8 @@ def check_config(cfg: DictConfig) -> None:
     ms = list(o.milestones)
     if not all(isinstance(m, int) and m > 0 for m in ms) or ms != sorted(ms):
         raise ConfigError(f"optim.milestones must be increasing positive epochs, got {ms}")
-    clip = o.get("clip_grad_norm")
-    if clip is not None:
-        _positive("optim.clip_grad_norm (or null for none)", clip)
+    if o.get("max_update_norm") is not None:
+        _positive("optim.max_update_norm (or null for none)", o.max_update_norm)
     if not (isinstance(cfg.trainer.max_epochs, int) and cfg.trainer.max_epochs >= 1):
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1, got {cfg.trainer.max_epochs!r}")
     if not isinstance(cfg.seed, int):
@@ -103,8 +102,9 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
         from allconv.ddp import HydraJobDDPStrategy
 
         t["strategy"] = HydraJobDDPStrategy()
-    if cfg.optim.get("clip_grad_norm"):  # Lightning clips the global gradient norm before each step
-        t["gradient_clip_val"], t["gradient_clip_algorithm"] = cfg.optim.clip_grad_norm, "norm"
+    if cfg.optim.get("max_update_norm"):  # clip the global gradient norm so that lr * |g| <= max_update_norm
+        t["gradient_clip_val"] = cfg.optim.max_update_norm / cfg.optim.lr
+        t["gradient_clip_algorithm"] = "norm"
     if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
         t["limit_val_batches"] = 0  # the paper's protocol: no validation split, no validation loop
     return {k: v for k, v in t.items() if v is not None}
