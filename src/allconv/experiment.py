@@ -102,8 +102,9 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
         from allconv.ddp import HydraJobDDPStrategy
 
         t["strategy"] = HydraJobDDPStrategy()
-    if cfg.optim.get("max_update_norm"):  # clip the global gradient norm so that lr * |g| <= max_update_norm
-        t["gradient_clip_val"] = cfg.optim.max_update_norm / cfg.optim.lr
+    optim = cfg.get("optim") or {}
+    if optim.get("max_update_norm"):  # clip the global gradient norm so that lr * |g| <= max_update_norm
+        t["gradient_clip_val"] = optim.max_update_norm / optim.lr
         t["gradient_clip_algorithm"] = "norm"
     if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
         t["limit_val_batches"] = 0  # the paper's protocol: no validation split, no validation loop
