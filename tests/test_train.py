@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -144,14 +145,55 @@ def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
                    if v.is_floating_point() and v.numel())
 
 
-def test_update_cap_is_the_trainers_gradient_clipping_and_can_be_turned_off(compose_cfg, tiny_npz, shared_cache_dir,
-                                                                             tmp_path):
-    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=0.125", "optim.lr=0.25",
-                                      "logger=none"))
-    trainer = experiment.build_trainer(cfg, tmp_path, [], False)
-    assert trainer.gradient_clip_val == pytest.approx(0.5) and trainer.gradient_clip_algorithm == "norm"
+class StepSizes(L.Callback):
+    """The norm of every optimizer step's weight change, with the epoch it was made in."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, float]] = []
+
+    def _flat(self, module):
+        return torch.cat([p.detach().flatten() for p in module.net.parameters()])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = self._flat(pl_module).clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((trainer.current_epoch, (self._flat(pl_module) - self._before).norm().item()))
+
+
+def test_update_cap_follows_the_learning_rate_past_a_milestone(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
+    """lr_t * |g| <= max_update_norm at every step: after the milestone the cap is the same step size, not 10x less."""
+    cap = 1e-2
+    cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, f"optim.max_update_norm={cap}", "optim.lr=10",
+                                      "optim.milestones=[1]", "trainer.max_epochs=2", "optim.momentum=0",
+                                      "optim.weight_decay=0", "model.dropout_input=0", "model.dropout_pool=0",
+                                      "data.preprocess=none", "logger=csv", "callbacks.checkpoint.every_n_epochs=0",
+                                      "callbacks.guided_backprop.every_n_epochs=0"))
+    L.seed_everything(0)
+    module = experiment.build_module(cfg, experiment.build_net(cfg))
+    sizes = StepSizes()
+    trainer = experiment.build_trainer(cfg, tmp_path, [sizes], experiment.build_logger(cfg, tmp_path))
+    assert trainer.gradient_clip_val is None  # the cap is the module's, per step, not a fixed Trainer clip
+    trainer.fit(module, datamodule=experiment.build_datamodule(cfg))
+    trainer.logger.save()
+    by_epoch = {e: [s for ep, s in sizes.steps if ep == e] for e in (0, 1)}
+    assert by_epoch[0] and by_epoch[1]
+    # lr 10 then 1: |g| is far above 1e-3 on this data, so every step is capped at exactly `cap` in both epochs.
+    for e in (0, 1):
+        assert all(s == pytest.approx(cap, rel=1e-3) for s in by_epoch[e]), (e, by_epoch[e])
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    clip = {int(r["epoch"]): float(r["optim/clip_norm"]) for r in rows if r.get("optim/clip_norm")}
+    assert clip == {0: pytest.approx(cap / 10), 1: pytest.approx(cap / 1)}
+    frac = [float(r["optim/clipped_frac"]) for r in rows if r.get("optim/clipped_frac")]
+    grad = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+    assert frac == [1.0, 1.0] and len(grad) == 2 and all(g > cap for g in grad)
+
+
+def test_update_cap_off_and_bad_values(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
     off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=null", "logger=none"))
-    assert experiment.build_trainer(off, tmp_path, [], False).gradient_clip_val is None
+    assert experiment.build_module(off, experiment.build_net(off)).max_update_norm is None
+    on = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "logger=none"))
+    assert experiment.build_module(on, experiment.build_net(on)).max_update_norm == 0.125  # the default
     with pytest.raises(experiment.ConfigError, match="max_update_norm"):
         experiment.check_config(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
 

@@ -87,7 +87,8 @@ def build_module(cfg: DictConfig, net: torch.nn.Module) -> AllConvModule:
     o = cfg.optim
     return AllConvModule(net, num_classes=cfg.data.num_classes, lr=o.lr, momentum=o.momentum,
                          weight_decay=o.weight_decay, milestones=list(o.milestones), gamma=o.gamma,
-                         nesterov=o.nesterov, compile=cfg.model.compile, channels_last=cfg.model.channels_last,
+                         nesterov=o.nesterov, max_update_norm=o.get("max_update_norm"), compile=cfg.model.compile,
+                         channels_last=cfg.model.channels_last,
                          hparams=OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -102,10 +103,6 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
         from allconv.ddp import HydraJobDDPStrategy
 
         t["strategy"] = HydraJobDDPStrategy()
-    optim = cfg.get("optim") or {}
-    if optim.get("max_update_norm"):  # clip the global gradient norm so that lr * |g| <= max_update_norm
-        t["gradient_clip_val"] = optim.max_update_norm / optim.lr
-        t["gradient_clip_algorithm"] = "norm"
     if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
         t["limit_val_batches"] = 0  # the paper's protocol: no validation split, no validation loop
     return {k: v for k, v in t.items() if v is not None}

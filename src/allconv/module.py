@@ -1,8 +1,9 @@
 """The paper's training recipe as a LightningModule.
 
 Cross-entropy, SGD with momentum 0.9 and weight decay 1e-3, learning rate x0.1 at fixed epochs
-(200, 250, 300 of 350 in the paper). Metrics accumulate on the device and are logged per epoch:
-the training step makes no host sync. A non-finite loss is recorded on the device (the first step
+(200, 250, 300 of 350 in the paper). Not in the paper: the update cap, lr_t * |g| <= max_update_norm
+at every step, from the learning rate in force at that step (README, "Why it trains"). Metrics
+accumulate on the device and are logged per epoch: the training step makes no host sync. A non-finite loss is recorded on the device (the first step
 where it happened) and checked once per epoch by callbacks.FiniteLossGuard.
 """
 
@@ -20,13 +21,14 @@ from torch import nn
 class AllConvModule(L.LightningModule):
     def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 1e-3, milestones=(200, 250, 300), gamma: float = 0.1,
-                 nesterov: bool = False, compile: bool = False, channels_last: bool = False,
-                 hparams: dict | None = None):
+                 nesterov: bool = False, max_update_norm: float | None = 0.125, compile: bool = False,
+                 channels_last: bool = False, hparams: dict | None = None):
         super().__init__()
         self.save_hyperparameters(hparams or {})
         self.net = net
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.milestones, self.gamma, self.nesterov = list(milestones), gamma, nesterov
+        self.max_update_norm = max_update_norm
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -44,6 +46,7 @@ class AllConvModule(L.LightningModule):
         self.register_buffer("step_in_epoch", torch.tensor(0, dtype=torch.long), persistent=False)
         self._epoch_start = None
         self._loss_sum, self._seen = torch.zeros(()), 0
+        self._grad_norm_sum, self._clipped, self._steps = torch.zeros(()), torch.zeros(()), 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -64,16 +67,40 @@ class AllConvModule(L.LightningModule):
         self._seen += len(y)
         return loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """The update cap: clip the global gradient norm to max_update_norm / lr_t, lr_t the rate of this step.
+
+        Lightning calls this hook before every optimizer step (after unscaling under fp16), with the
+        Trainer's own clip settings, which are applied as well when a user sets them.
+        """
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        lr = optimizer.param_groups[0]["lr"]
+        max_norm = self.max_update_norm / lr if self.max_update_norm is not None else float("inf")
+        # clip_grad_norm_ scales by min(1, max_norm / norm) on the device: no host sync.
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm, foreach=True)
+        self._grad_norm_sum += norm.detach()
+        self._clipped += (norm.detach() > max_norm).float()
+        self._steps += 1
+
     def on_train_epoch_start(self):
         self._epoch_start = time.perf_counter()
         self._loss_sum, self._seen = torch.zeros((), device=self.device), 0
+        self._grad_norm_sum, self._clipped, self._steps = torch.zeros((), device=self.device), \
+            torch.zeros((), device=self.device), 0
         self.step_in_epoch.zero_()
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("lr", lr, on_step=False, on_epoch=True)
+        if self.max_update_norm is not None:  # the lr changes only between epochs: one threshold per epoch
+            self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self):
         if self._seen:
             self.log("train/loss", self._loss_sum / self._seen, prog_bar=True, sync_dist=True)
             self.log("train/acc", self.train_acc.compute())
+        if self._steps:
+            self.log("train/grad_norm", self._grad_norm_sum / self._steps)
+            if self.max_update_norm is not None:
+                self.log("optim/clipped_frac", self._clipped / self._steps)
         self.train_acc.reset()
         if self._epoch_start is not None:
             self.log("epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True)
