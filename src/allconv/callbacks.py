@@ -13,11 +13,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from allconv.errors import NonFiniteLossError
 from allconv.preprocessing import atomic_torch_save
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

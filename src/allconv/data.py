@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from allconv import preprocessing as pp
+from allconv.errors import DataError
 
 OFFICIAL = {
     # name: (folder, train files, test files, label key, meta file, meta key, classes)
@@ -32,10 +33,6 @@ OFFICIAL = {
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names", 100),
 }
 PREPROCESS = ("gcn_zca", "standardize", "none")
-
-
-class DataError(ValueError):
-    """Bad data input; the message is one line that names the value and what is allowed."""
 
 
 def _torchvision_dataset(name: str):

@@ -20,11 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from allconv import models
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
+from allconv.errors import ConfigError
 from allconv.module import AllConvModule
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message is one line naming the value and what is allowed."""
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:

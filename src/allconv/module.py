@@ -3,8 +3,9 @@
 Cross-entropy, SGD with momentum 0.9 and weight decay 1e-3, learning rate x0.1 at fixed epochs
 (200, 250, 300 of 350 in the paper). Not in the paper: the update cap, lr_t * |g| <= max_update_norm
 at every step, from the learning rate in force at that step (README, "Why it trains"). Metrics
-accumulate on the device and are logged per epoch: the training step makes no host sync. A non-finite loss is recorded on the device (the first step
-where it happened) and checked once per epoch by callbacks.FiniteLossGuard.
+accumulate on the device and are logged per epoch: the training step makes no host sync. A
+non-finite loss is recorded on the device (the first step where it happened) and checked once per
+epoch by callbacks.FiniteLossGuard.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allconv import models
+from allconv.errors import ReportError
 
 # Test error (%) on CIFAR-10 without augmentation: the paper's Table 1 and the replication review's
 # runs (PAPER.md, "Reference results"). Keys are the Hydra option names, rows in the paper's order.
@@ -32,10 +33,6 @@ REFERENCE: dict[str, tuple[float, float]] = {
 }
 ORDER = [models.config_name(f, v) for f, v in models.all_networks()]
 ON_TEST = "selected on test, as the paper did"
-
-
-class ReportError(ValueError):
-    """Nothing to report; one line."""
 
 
 @dataclass

@@ -18,9 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-
-class ResumeError(ValueError):
-    """Why a directory cannot be resumed; one line."""
+from allconv.errors import ResumeError
 
 
 def _quote(value: str) -> str:

@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from allconv.errors import VisualizeError
+
 METHODS = ("guided", "deconvnet", "backprop")
 LOGITS = "logits"
-
-
-class VisualizeError(ValueError):
-    """Bad input to a visualisation; the message is one line naming the value and what is allowed."""
 
 
 # -- checks --------------------------------------------------------------------------------------

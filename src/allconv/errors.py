@@ -1,0 +1,44 @@
+"""Every error a user can cause or meet. Each ends a command with one line and an exit status.
+
+The entry points catch AllConvError in one place (cli.fail): the message is the line, exit_code the
+status. 2: bad input (a setting, a file, a folder); 1: the run itself failed (non-finite loss, a
+write that the disk refused); interrupted runs exit 128 + the signal number, as shells report them.
+"""
+
+from __future__ import annotations
+
+
+class AllConvError(Exception):
+    """Base class; str(e) is one line naming the value or file and what is allowed or what went wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(AllConvError, ValueError):
+    """A bad setting."""
+
+
+class DataError(AllConvError, ValueError):
+    """A missing, corrupt or malformed dataset file."""
+
+
+class CheckpointError(AllConvError, ValueError):
+    """A file that is not a loadable allconv checkpoint (missing, truncated, foreign, unsafe)."""
+
+
+class ResumeError(AllConvError, ValueError):
+    """A folder that cannot be resumed."""
+
+
+class VisualizeError(AllConvError, ValueError):
+    """A layer, unit or method that the network does not have."""
+
+
+class ReportError(AllConvError, ValueError):
+    """Nothing to report."""
+
+
+class NonFiniteLossError(AllConvError, RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+    exit_code = 1
