@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from allconv.errors import NonFiniteLossError
+from allconv.errors import NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
 from allconv.preprocessing import atomic_torch_save
 
 
@@ -43,29 +43,8 @@ class LastCheckpoint(ModelCheckpoint):
         pass  # saved at the end of the training epoch, after the guard has checked the loss
 
 
-class FiniteLossGuard(L.Callback):
-    """Check once per epoch (one host sync) the device-side record of the first non-finite step."""
-
-    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bad = getattr(pl_module, "first_bad_step", None)
-        if bad is None or not trainer.training:
-            return
-        step = int(bad.item())
-        if step >= 0:
-            ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), None)
-            where = f"; last good checkpoint: {ckpt}" if ckpt else "; no checkpoint was written before it"
-            raise NonFiniteLossError(f"non-finite loss at epoch {trainer.current_epoch}, step {step} of the epoch "
-                                     f"(lr={trainer.optimizers[0].param_groups[0]['lr']:g}){where}")
-
-    def on_validation_start(self, trainer, pl_module):
-        self._check(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self._check(trainer, pl_module)
-
-
 def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
-    cbs: list[L.Callback] = [FiniteLossGuard()]
+    cbs: list[L.Callback] = []
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
         cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
