@@ -1,8 +1,7 @@
-"""Callbacks of a run: checkpoints written atomically, the non-finite-loss guard, progress bars.
+"""Callbacks of a run: checkpoints written atomically, progress bars, the guided-backprop grid.
 
-build_callbacks(cfg, run_dir) is the default list. Lightning runs ModelCheckpoint after every
-other callback, so FiniteLossGuard stops a diverged run before its weights are saved: the last
-good checkpoint stays.
+build_callbacks(cfg, run_dir) is the default list. The non-finite-loss guard is the module's own
+(module.AllConvModule._check_finite), which Lightning runs before ModelCheckpoint saves.
 """
 
 from __future__ import annotations
