@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -49,6 +51,11 @@ def convs_of(net: nn.Module) -> list[nn.Conv2d]:
     return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
 
 
+def leaves(net: nn.Module) -> list[nn.Module]:
+    """The layers in forward order (the nets nest nn.Sequential blocks)."""
+    return [m for m in net.modules() if not any(True for _ in m.children())]
+
+
 @pytest.mark.parametrize("family,variant", ALL)
 def test_parameter_counts_equal_paper(family, variant):
     net = models.build(family, variant)
@@ -74,7 +81,8 @@ def test_output_shapes_and_spatial_sizes(family, variant):
         def hook(m, inp, out, sizes=sizes):
             sizes.append((type(m).__name__, inp[0].shape[-1], getattr(m, "p", None)))
 
-        handles = [m.register_forward_hook(hook) for m in net if isinstance(m, (nn.Dropout, nn.AdaptiveAvgPool2d))]
+        handles = [m.register_forward_hook(hook) for m in net.modules()
+                   if isinstance(m, (nn.Dropout, nn.AdaptiveAvgPool2d))]
         with torch.no_grad():
             out = net(torch.randn(2, 3, 32, 32))
         for h in handles:
@@ -111,7 +119,7 @@ def test_layer_facts(family, variant):
 @pytest.mark.parametrize("family,variant", ALL)
 def test_dropout_and_relu_placement(family, variant):
     for final_relu in (True, False):
-        layers = list(models.build(family, variant, final_relu=final_relu, dropout_input=0.2, dropout_pool=0.5))
+        layers = leaves(models.build(family, variant, final_relu=final_relu, dropout_input=0.2, dropout_pool=0.5))
         assert isinstance(layers[0], nn.Dropout) and layers[0].p == 0.2
         drops = [i for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
         assert len(drops) == 3
@@ -132,22 +140,23 @@ def test_dropout_and_relu_placement(family, variant):
 
 
 def test_dropout_rates_are_knobs():
-    layers = list(models.build("c", "allcnn", dropout_input=0.1, dropout_pool=0.3))
+    layers = leaves(models.build("c", "allcnn", dropout_input=0.1, dropout_pool=0.3))
     assert [m.p for m in layers if isinstance(m, nn.Dropout)] == [0.1, 0.3, 0.3]
 
 
 @pytest.mark.parametrize("family,variant", ALL)
 def test_standard_layers_only(family, variant):
     net = models.build(family, variant, width=0.25)
-    assert type(net) is nn.Sequential  # forward is exactly the chain of its children
+    # forward is exactly the chain of its leaves: nn.Sequential all the way down
+    assert all(type(m) is nn.Sequential for m in net.modules() if any(True for _ in m.children()))
     allowed = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.AdaptiveAvgPool2d, nn.Flatten)
-    for m in net.children():
+    for m in leaves(net):
         assert type(m) in allowed, type(m)
-    # the chain of children reproduces the forward pass, so no hidden functional ReLU exists
+    # the chain of leaves reproduces the forward pass, so no hidden functional ReLU exists
     net.eval()
     x = torch.randn(2, 3, 32, 32)
     y = x
-    for m in net.children():
+    for m in leaves(net):
         y = m(y)
     with torch.no_grad():
         assert torch.equal(net(x), y.detach())
@@ -174,3 +183,54 @@ def test_all_cnn_c_multiply_adds():
     assert macs == expected
     assert round(macs / 1e6, 1) == 270.8
 
+
+
+# -- names -------------------------------------------------------------------------------------------
+def test_names_of_all_cnn_c():
+    modules = dict(models.build("c", "allcnn").named_modules())
+    down = modules["block2.down"]
+    assert isinstance(down, nn.Conv2d) and down.stride == (2, 2) and down.out_channels == 192
+    classes = modules["head.classes"]
+    assert isinstance(classes, nn.Conv2d) and classes.out_channels == 10 and classes.kernel_size == (1, 1)
+    assert isinstance(modules["block1.down"], nn.Conv2d) and modules["block1.down"].out_channels == 96
+    assert [n for n in modules if n.startswith("block1.conv")] == ["block1.conv1", "block1.conv2"]
+    assert isinstance(modules["dropout_input"], nn.Dropout) and isinstance(modules["head.pool"], nn.AdaptiveAvgPool2d)
+    assert isinstance(modules["block2.relu_down"], nn.ReLU) and isinstance(modules["head.relu_classes"], nn.ReLU)
+
+
+def test_names_of_model_c():
+    modules = dict(models.build("c", "base").named_modules())
+    assert isinstance(modules["block1.down"], nn.MaxPool2d) and isinstance(modules["block2.down"], nn.MaxPool2d)
+    assert isinstance(modules["block2.dropout"], nn.Dropout) and modules["block2.dropout"].p == 0.5
+
+
+@pytest.mark.parametrize("family,variant", ALL)
+def test_every_network_names_its_downsampling_and_class_layers(family, variant):
+    net = models.build(family, variant, width=0.125, num_classes=100)
+    modules = dict(net.named_modules())
+    kinds = {"base": nn.MaxPool2d, "convpool": nn.MaxPool2d, "strided": nn.Conv2d, "allcnn": nn.Conv2d}
+    for block in ("block1", "block2"):
+        down = modules[f"{block}.down"]
+        assert type(down) is kinds[variant]
+        assert (down.stride if isinstance(down, nn.Conv2d) else (down.stride,) * 2) == (2, 2)
+        # the dropout after downsampling follows it in the block
+        names = [n for n in modules if n.startswith(block + ".")]
+        assert names[-1] == f"{block}.dropout" and names.index(f"{block}.down") < len(names) - 1
+    assert modules["head.classes"] is convs_of(net)[-1] and modules["head.classes"].out_channels == 100
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    # every conv is blockK.convN, blockK.down or head.convN / head.classes
+    assert all(re.fullmatch(r"(block[12]|head)\.(conv\d|down|classes)", n) for n in convs), convs
+    # spatial sizes at the names: 32 -> 16 after block1.down, 8 after block2.down
+    sizes: dict[str, int] = {}
+
+    def record(name):
+        def hook(_m, _inp, out):
+            sizes[name] = out.shape[-1]
+        return hook
+
+    hooks = [modules[n].register_forward_hook(record(n)) for n in ("block1.down", "block2.down")]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert sizes == {"block1.down": 16, "block2.down": 8}

@@ -127,7 +127,7 @@ def test_inplace_and_plain_relu_give_the_same_result():
             m.inplace = False
     x = torch.randn(2, 3, 32, 32)
     for method in METHODS:
-        for layer, unit in (("logits", None), ("9", 2)):
+        for layer, unit in (("logits", None), ("block2.relu1", 2)):
             assert torch.allclose(reconstruct(net, x, layer, unit, method), reconstruct(plain, x, layer, unit, method))
 
 
@@ -149,18 +149,18 @@ def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_model_unchanged_and_no_hooks_left():
     net = _small_allcnn()
-    net[1].eval()  # a mixed mode must come back as it was
+    net.block1.eval()  # a mixed mode must come back as it was
     x = torch.randn(4, 3, 32, 32)
     params = {k: v.clone() for k, v in net.state_dict().items()}
     modes = [m.training for m in net.modules()]
     out = _outputs(net, x)
     for method in METHODS:
         reconstruct(net, x, method=method)
-        reconstruct(net, x, layer="4", unit=1, method=method)
-        reconstruct(net, x, layer="8", method=method)
-    topk_figure(net, x, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "4", k=2, num_channels=2)
+        reconstruct(net, x, layer="block1.relu2", unit=1, method=method)
+        reconstruct(net, x, layer="block2.conv1", method=method)
+    topk_figure(net, x, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "block1.relu2", k=2, num_channels=2)
     with pytest.raises(VisualizeError):
-        reconstruct(net, x, layer="4", unit=999)
+        reconstruct(net, x, layer="block1.relu2", unit=999)
     assert all(torch.equal(params[k], v) for k, v in net.state_dict().items())
     assert [m.training for m in net.modules()] == modes
     assert torch.equal(_outputs(net, x), out)
@@ -189,9 +189,9 @@ def test_hooks_removed_and_mode_restored_on_error():
 def test_top_activations_streaming_equals_one_pass():
     net = _small_allcnn().eval()
     x = torch.randn(23, 3, 32, 32)
-    top = top_activations(net, x, "4", channels=[0, 3, 5], k=4, batch_size=7)
+    top = top_activations(net, x, "block1.relu2", channels=[0, 3, 5], k=4, batch_size=7)
     with torch.no_grad():
-        act = net[:5](x)[:, [0, 3, 5]].flatten(2)  # (N, 3, positions)
+        act = net.block1[:4](x)[:, [0, 3, 5]].flatten(2)  # conv1, relu1, conv2, relu2: (N, 3, positions)
     per_image, pos = act.max(-1)
     ref = per_image.T.topk(4, dim=1)
     assert torch.allclose(top.values, ref.values) and torch.equal(top.indices, ref.indices)
@@ -201,13 +201,13 @@ def test_top_activations_streaming_equals_one_pass():
 
 def test_receptive_field_covers_the_gradient_support():
     net = _small_allcnn().eval()
-    assert (receptive_field(net, "1").size, receptive_field(net, "3").size) == (3, 5)
-    rf = receptive_field(net, "8")  # after the stride-2 convolution
+    assert (receptive_field(net, "block1.conv1").size, receptive_field(net, "block1.conv2").size) == (3, 5)
+    rf = receptive_field(net, "block2.conv1")  # after the stride-2 convolution
     assert (rf.size, rf.jump, rf.top) == (11, 2, -5)
     assert receptive_field(net, "logits").whole_image
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     r, c = 5, 9
-    out = net[:9](x)
+    out = net.block2.conv1(net.block1(x))
     (g,) = torch.autograd.grad(out[0, :, r, c].sum(), x)
     rows, cols = g[0].abs().sum(0).nonzero(as_tuple=True)
     top = rf.top + r * rf.jump, rf.top + c * rf.jump
@@ -219,8 +219,8 @@ def test_receptive_field_covers_the_gradient_support():
 
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(layer="conv9"), r"unknown layer 'conv9'; allowed: logits, 0, 1, 2"),
-    (dict(layer="4", unit=12), r"unit 12 is out of range for layer '4': allowed 0\.\.11"),
+    (dict(layer="conv9"), r"unknown layer 'conv9'; allowed: logits, dropout_input, block1, block1\.conv1, "),
+    (dict(layer="block1.relu2", unit=12), r"unit 12 is out of range for layer 'block1.relu2': allowed 0\.\.11"),
     (dict(unit=10), r"unit 10 is out of range for layer 'logits': allowed 0\.\.9"),
     (dict(method="lrp"), r"unknown method 'lrp'; allowed: guided, deconvnet, backprop"),
     (dict(images=torch.zeros(3, 32, 32)), r"images must be .* \(N, C, H, W\), got \(3, 32, 32\)"),
@@ -302,17 +302,18 @@ def _checkpoint(tmp_path, make_npz, compose_cfg, **model):
 
 def test_cli_renders_both_figures(tmp_path, make_npz, compose_cfg):
     ckpt = _checkpoint(tmp_path, make_npz, compose_cfg)
-    code, out, err = run_cli(f"ckpt_path={ckpt}", "viz.layer=4", "viz.top_k=4", "viz.num_channels=2",
+    code, out, err = run_cli(f"ckpt_path={ckpt}", "viz.layer=block1.relu2", "viz.top_k=4", "viz.num_channels=2",
                              cwd=tmp_path, script=VISUALIZE_PY, timeout=120)
     assert code == 0, err
-    folder = tmp_path / "run" / "visualize" / "4_guided"
+    folder = tmp_path / "run" / "visualize" / "block1.relu2_guided"
     assert last_line(out) == str(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["methods.png", "top4_4_guided.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["methods.png", "top4_block1.relu2_guided.png"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["viz.layer=conv9"], "error: unknown layer 'conv9'; allowed: logits, 0, 1,"),
-    (["viz.layer=4", "viz.unit=99"], "error: unit 99 is out of range for layer '4': allowed 0..11"),
+    (["viz.layer=conv9"], "error: unknown layer 'conv9'; allowed: logits, dropout_input, block1, block1.conv1,"),
+    (["viz.layer=block1.relu2", "viz.unit=99"],
+     "error: unit 99 is out of range for layer 'block1.relu2': allowed 0..11"),
     (["viz.method=lrp"], "error: unknown viz.method 'lrp'; allowed: guided, deconvnet, backprop"),
     (["viz.top_k=50"], "error: viz.top_k=50 is more than the 12 test images"),
     ("mismatch", "does not match its model (all_cnn_c)"),

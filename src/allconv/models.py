@@ -12,6 +12,8 @@ and libraries such as captum see the whole network. This module imports nothing 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,32 +39,58 @@ def config_name(family: str, variant: str) -> str:
     return CONFIG_NAMES[variant].format(f=family)
 
 
-def layer_spec(family: str, variant: str, num_classes: int = 10) -> list[tuple]:
-    """The network as a list of ("conv", out, kernel, stride, pad) / ("pool",) / ("drop", block) rows.
+class Row(NamedTuple):
+    """One layer of a network: where it goes (block, name) and what it is.
 
-    ("drop", "input") is the 20% input dropout; ("drop", "pool") the 50% dropout after each
-    downsampling step (a pool, or the stride-2 conv that replaces it).
+    kind "conv": out channels, kernel, stride, padding; "pool": the 3x3 stride-2 max-pool; "drop":
+    arg is "input" (the 20% input dropout) or "pool" (the 50% dropout after each downsampling step).
+    """
+
+    block: str  # "" (top level), "block1", "block2" or "head"
+    name: str
+    kind: str  # conv | pool | drop
+    out: int = 0
+    kernel: int = 0
+    stride: int = 1
+    pad: int = 0
+    arg: str = ""
+
+
+def layer_spec(family: str, variant: str, num_classes: int = 10) -> list[Row]:
+    """The network as named rows, in build order (which is also the order of the random initialisation).
+
+    Names: dropout_input; blockK.convN (the block's convolutions), blockK.down (the downsampling
+    layer: the max-pool of base/convpool, the stride-2 conv of strided/allcnn), blockK.dropout;
+    head.conv1, head.conv2, head.classes (the 1x1 conv to num_classes). build() adds a ReLU named
+    after each conv (reluN, relu_down, relu_classes) and head.pool, head.flatten.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    spec: list[tuple] = [("drop", "input")]
-    for width in BLOCK_WIDTHS:
+    spec = [Row("", "dropout_input", "drop", arg="input")]
+    for b, width in enumerate(BLOCK_WIDTHS, start=1):
+        block = f"block{b}"
         kernels = FAMILIES[family]
         for i, k in enumerate(kernels):
-            last = i == len(kernels) - 1
-            stride = 2 if (variant == "strided" and last) else 1
-            spec.append(("conv", width, k, stride, k // 2))
+            if variant == "strided" and i == len(kernels) - 1:  # the block's last conv downsamples
+                spec.append(Row(block, "down", "conv", width, k, 2, k // 2))
+            else:
+                spec.append(Row(block, f"conv{i + 1}", "conv", width, k, 1, k // 2))
         if variant == "convpool":
-            spec.append(("conv", width, 3, 1, 1))
+            spec.append(Row(block, f"conv{len(kernels) + 1}", "conv", width, 3, 1, 1))
         if variant in ("base", "convpool"):
-            spec.append(("pool",))
+            spec.append(Row(block, "down", "pool"))
         if variant == "allcnn":
-            spec.append(("conv", width, 3, 2, 1))
-        spec.append(("drop", "pool"))
-    spec += [("conv", HEAD_WIDTH, 3, 1, 0), ("conv", HEAD_WIDTH, 1, 1, 0), ("conv", num_classes, 1, 1, 0)]
+            spec.append(Row(block, "down", "conv", width, 3, 2, 1))
+        spec.append(Row(block, "dropout", "drop", arg="pool"))
+    spec += [Row("head", "conv1", "conv", HEAD_WIDTH, 3, 1, 0), Row("head", "conv2", "conv", HEAD_WIDTH, 1, 1, 0),
+             Row("head", "classes", "conv", num_classes, 1, 1, 0)]
     return spec
+
+
+def _relu_name(conv_name: str) -> str:
+    return "relu" + conv_name.removeprefix("conv") if conv_name.startswith("conv") else f"relu_{conv_name}"
 
 
 def build(
@@ -77,8 +105,9 @@ def build(
     final_bias: float = 0.0,
     in_channels: int = 3,
 ) -> nn.Sequential:
-    """Build one of the 12 networks as an nn.Sequential of standard layers.
+    """Build one of the 12 networks: nn.Sequential(dropout_input, block1, block2, head) of standard layers.
 
+    Every module has a name that says what it is (layer_spec): e.g. block2.down, head.classes.
     width scales every hidden layer's channels (1.0 = the paper); the class layer keeps
     num_classes. final_relu keeps the paper's ReLU after the class layer. init is "he"
     (Kaiming normal, fan-in), "xavier" or "default" (PyTorch's own); final_bias is the class
@@ -96,27 +125,25 @@ def build(
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
-    spec = layer_spec(family, variant, num_classes)
-    layers: list[nn.Module] = []
+    groups: dict[str, OrderedDict[str, nn.Module]] = {"": OrderedDict()}
     channels = in_channels
-    n_convs = sum(row[0] == "conv" for row in spec)
-    seen_convs = 0
-    for row in spec:
-        if row[0] == "drop":
-            layers.append(nn.Dropout(dropout_input if row[1] == "input" else dropout_pool))
-        elif row[0] == "pool":
-            layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+    for row in layer_spec(family, variant, num_classes):
+        layers = groups.setdefault(row.block, OrderedDict())
+        if row.kind == "drop":
+            layers[row.name] = nn.Dropout(dropout_input if row.arg == "input" else dropout_pool)
+        elif row.kind == "pool":
+            layers[row.name] = nn.MaxPool2d(3, stride=2, padding=1)
         else:
-            _, out, k, stride, pad = row
-            seen_convs += 1
-            is_class_layer = seen_convs == n_convs
-            out = out if is_class_layer else max(1, round(out * width))
-            layers.append(nn.Conv2d(channels, out, k, stride=stride, padding=pad))
+            is_class_layer = row.name == "classes"
+            out = row.out if is_class_layer else max(1, round(row.out * width))
+            layers[row.name] = nn.Conv2d(channels, out, row.kernel, stride=row.stride, padding=row.pad)
             if not is_class_layer or final_relu:
-                layers.append(nn.ReLU(inplace=True))
+                layers[_relu_name(row.name)] = nn.ReLU(inplace=True)
             channels = out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    net = nn.Sequential(*layers)
+    groups["head"].update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
+    top = groups.pop("")
+    top.update((name, nn.Sequential(layers)) for name, layers in groups.items())
+    net = nn.Sequential(top)
     _initialise(net, init, final_bias)
     return net
 
@@ -131,7 +158,7 @@ def _initialise(net: nn.Module, init: str, final_bias: float) -> None:
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     if final_bias:
-        nn.init.constant_(convs[-1].bias, final_bias)
+        nn.init.constant_(convs[-1].bias, final_bias)  # the class layer: the last conv
 
 
 def count_params(net: nn.Module) -> int:
