@@ -240,6 +240,7 @@ class CIFARDataModule(L.LightningDataModule):
         self._raw: dict | None = None
         self.tensors: dict[str, torch.Tensor] = {}
         self.zca_from_cache: bool | None = None
+        self.zca: pp.ZCA | None = None  # the whitening of this run (gcn_zca), for figures
 
     # -- checks that run before any training -------------------------------------------------
     def validate(self) -> None:
@@ -308,6 +309,7 @@ class CIFARDataModule(L.LightningDataModule):
             flat = {k: pp.global_contrast_normalize(v, scale=self.gcn_scale) for k, v in flat.items()}
             key = pp.fingerprint(x_train, gcn_scale=self.gcn_scale, filter_bias=self.zca_filter_bias)
             zca, self.zca_from_cache = pp.fit_zca_cached(flat["train"], key, self.cache_dir, self.zca_filter_bias)
+            self.zca = zca
             flat = {k: zca.transform(v) for k, v in flat.items()}
             images = {k: v.reshape(-1, 3, 32, 32) for k, v in flat.items()}
         else:
