@@ -184,6 +184,40 @@ def test_all_cnn_c_multiply_adds():
     assert round(macs / 1e6, 1) == 270.8
 
 
+# Multiply-adds per 32x32 image at width 1, CIFAR-10 (exact; README's table rounds them to 0.1M).
+MACS = {
+    ("a", "base"): 138_677_760, ("a", "strided"): 44_674_560, ("a", "convpool"): 308_547_072,
+    ("a", "allcnn"): 181_145_088, ("b", "base"): 157_552_128, ("b", "strided"): 143_396_352,
+    ("b", "convpool"): 327_421_440, ("b", "allcnn"): 200_019_456, ("c", "base"): 228_331_008,
+    ("c", "strided"): 100_929_024, ("c", "convpool"): 398_200_320, ("c", "allcnn"): 270_798_336,
+}
+
+
+def reference_macs(family: str, variant: str) -> int:
+    """From paper_convs: block 1 convs see 32x32, block 2 16x16, the head 8x8 -> 6x6; stride 2 halves the output."""
+    per_block = len(PAPER_BLOCK_KERNELS[family]) + (variant in ("convpool", "allcnn"))
+    total, cin = 0, 3
+    for i, (out, k, stride) in enumerate(paper_convs(family, variant)):
+        size = 32 if i < per_block else 16 if i < 2 * per_block else 6
+        total += (size // stride) ** 2 * out * k * k * cin
+        cin = out
+    return total
+
+
+def test_multiply_adds_of_the_twelve_against_the_table_and_readme():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    rows = {m.group(1).lower(): m.group(2) for m in re.finditer(r"^\| ([ABC]) \|(.*)\|$", readme, re.M)}
+    assert sorted(rows) == ["a", "b", "c"], "README's table of the 12 networks (rows A, B, C) not found"
+    for (family, variant), macs in MACS.items():
+        assert models.count_macs(models.build(family, variant)) == macs, (family, variant)
+        assert reference_macs(family, variant) == macs, (family, variant)
+        cell = rows[family].split("|")[VARS.index(variant)]
+        assert f"· {macs / 1e6:.1f}M" in cell, (family, variant, cell)
+        assert f"{PAPER_PARAMS[(family, variant)]:,} ·" in cell, (family, variant, cell)
+
+
 
 # -- names -------------------------------------------------------------------------------------------
 def test_names_of_all_cnn_c():
