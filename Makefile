@@ -8,7 +8,7 @@ JPEG    ?= ../shared/data/cifar10-jpeg.npz
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-jpeg test test-slow lint bench data-jpeg clean
+.PHONY: help install train train-jpeg test test-slow lint bench data-jpeg lr-study clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -44,6 +44,14 @@ lint: $(STAMP)  ## ruff
 
 bench: $(STAMP)  ## throughput of the 12 networks, Lightning path vs a plain loop -> docs/PERFORMANCE.md
 	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+LR_STUDY ?= multirun/lr_study_cpu/$(shell date +%Y-%m-%d_%H-%M-%S)
+lr-study: $(STAMP) $(ARRAYS)  ## lrs 0.25-0.01 with the update cap, 0.05 without (CPU, ~1 h) -> docs/RESULTS.md
+	$(eval LR_STUDY := $(LR_STUDY))
+	$(BIN)/python src/train.py experiment=lr_study_cpu data.path=$(ARRAYS) hydra.sweep.dir=$(LR_STUDY) $(ARGS)
+	$(BIN)/python src/train.py experiment=lr_study_cpu data.path=$(ARRAYS) hydra.sweep.dir=$(LR_STUDY) \
+	  optim.lr=0.05 optim.max_update_norm=null $(ARGS)
+	$(BIN)/python src/report.py $(LR_STUDY) --curves --md docs/RESULTS.md --png docs/figures/lr_study_curves.png
 
 clean:  ## remove outputs (not the venv, not data)
 	rm -rf outputs multirun .pytest_cache

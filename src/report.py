@@ -1,4 +1,8 @@
-"""The paper's Table 1 from sweep folders: python src/report.py multirun/<date>/<time> [...] [--out DIR]."""
+"""Tables and figures from sweep folders.
+
+python src/report.py multirun/<date>/<time> [...] [--out DIR]      the paper's Table 1 + bar chart
+python src/report.py <sweep dir> --curves [--md FILE] [--png FILE]  one row and one learning curve per run
+"""
 
 import sys
 
