@@ -265,6 +265,16 @@ def test_table1_keeps_runs_apart_that_differ_only_in_the_cap(study, tmp_path):
     assert "**Not the paper's setting: width 0.25, 6 epochs, JPEG copy of CIFAR-10" in text
 
 
+def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "all_cnn_c", 0.05, 0, test=0.30, val=0.31, max_update_norm=0.125)
+    plain = write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
+    assert not (plain / ".hydra" / "config.yaml").exists()
+    text, _ = report.report([sweep], plot=False)
+    assert table_rows(text)["All-CNN-C"][2:6] == ["0.05, cap 0.125 (of 2)", "validation", "0", "30.00"]
+    assert "update cap 0.125 or none" in text
+
+
 def test_table1_chart_and_header_state_the_settings(tmp_path, monkeypatch):
     drawn = []
     original = report._save

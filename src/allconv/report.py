@@ -85,8 +85,9 @@ class Run:
 
     @property
     def cap(self) -> float | None:
-        """optim.max_update_norm; None for plain SGD or when the run has no saved config."""
-        return (self.config.get("optim") or {}).get("max_update_norm")
+        """optim.max_update_norm (saved config, else metrics.json); None for plain SGD or when not recorded."""
+        optim = self.config.get("optim")
+        return optim.get("max_update_norm") if isinstance(optim, dict) else self.metrics.get("max_update_norm")
 
 
 def _from_saved_overrides(run_dir: Path) -> dict:
@@ -197,8 +198,8 @@ def run_settings(run: Run) -> dict:
         "held_out": (data.get("val_size") or 0) if data else None,
     }
     out = {k: v for k, v in found.items() if v is not None}
-    if optim:
-        out["cap"] = optim.get("max_update_norm")
+    if optim or "max_update_norm" in m:
+        out["cap"] = run.cap
     return out
 
 
