@@ -34,7 +34,7 @@ def test_every_model_option_composes_and_runs_fast_dev_run(compose_cfg, tiny_npz
                                       "trainer.fast_dev_run=true", "logger=none"))
     family, variant = next((f, v) for f, v in models.all_networks() if models.config_name(f, v) == option)
     assert (cfg.model.family, cfg.model.variant) == (family, variant)
-    net = experiment.build_net(cfg)
+    net = experiment.build_module(cfg).net
     assert models.count_params(net) == models.count_params(models.build(family, variant, width=0.125))
     metrics = experiment.train(cfg, tmp_path / "run")
     assert metrics["model"] == option
@@ -46,12 +46,12 @@ def test_variant_override_on_a_model_option(compose_cfg, tiny_npz, shared_cache_
     cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model=all_cnn_c", "model/variant=strided",
                                       "model.width=1.0"))
     assert (cfg.model.family, cfg.model.variant) == ("c", "strided")
-    net = experiment.build_net(cfg)
+    net = experiment.build_module(cfg).net
     assert models.count_params(net) == 954_730  # Strided-CNN-C
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
     cfg100 = compose_cfg("data=cifar100", "model=model_a")
     assert cfg100.data.num_classes == 100
-    assert experiment.build_net(cfg100)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+    assert experiment.build_module(cfg100).net(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
 
 
 def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
@@ -79,7 +79,7 @@ def _train_once(compose_cfg, npz, cache, run_dir, seed):
     cfg = compose_cfg(*base_overrides(npz, cache, "model=all_cnn_a", "data.preprocess=standardize",
                                       "trainer.max_epochs=1", "logger=none", f"seed={seed}", "data.augment=true"))
     metrics = experiment.train(cfg, run_dir)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return metrics, state
 
 
@@ -117,10 +117,10 @@ def test_non_finite_loss_stops_and_last_good_checkpoint_stays(compose_cfg, tiny_
     assert "epoch 1" in msg and "step 2" in msg
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert str(ckpt) in msg or "last.ckpt" in msg
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["epoch"] == 0  # written after the good epoch, not after the bad one
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
-    net = experiment.build_net(cfg)
+    net = experiment.build_module(cfg).net
     net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
     assert torch.isfinite(net.eval()(torch.zeros(2, 3, 32, 32))).all()
     assert not (run_dir / "metrics.json").exists() or json.loads((run_dir / "metrics.json").read_text()).get(
@@ -140,7 +140,7 @@ def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
     assert metrics["status"] == "failed"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if "no checkpoint" not in line:  # it diverged after a good epoch: that checkpoint stays loadable
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert all(math.isfinite(float(v.abs().max())) for v in state["state_dict"].values()
                    if v.is_floating_point() and v.numel())
 
@@ -170,7 +170,7 @@ def test_update_cap_follows_the_learning_rate_past_a_milestone(compose_cfg, tiny
                                       "data.preprocess=none", "logger=csv", "callbacks.checkpoint.every_n_epochs=0",
                                       "callbacks.guided_backprop.every_n_epochs=0"))
     L.seed_everything(0)
-    module = experiment.build_module(cfg, experiment.build_net(cfg))
+    module = experiment.build_module(cfg)
     sizes = StepSizes()
     trainer = experiment.build_trainer(cfg, tmp_path, [sizes], experiment.build_logger(cfg, tmp_path))
     assert trainer.gradient_clip_val is None  # the cap is the module's, per step, not a fixed Trainer clip
@@ -191,11 +191,11 @@ def test_update_cap_follows_the_learning_rate_past_a_milestone(compose_cfg, tiny
 
 def test_update_cap_off_and_bad_values(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
     off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=null", "logger=none"))
-    assert experiment.build_module(off, experiment.build_net(off)).max_update_norm is None
+    assert experiment.build_module(off).max_update_norm is None
     on = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "logger=none"))
-    assert experiment.build_module(on, experiment.build_net(on)).max_update_norm == 0.125  # the default
+    assert experiment.build_module(on).max_update_norm == 0.125  # the default
     with pytest.raises(experiment.ConfigError, match="max_update_norm"):
-        experiment.check_config(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
+        experiment.check(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
 
 
 def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
@@ -207,7 +207,7 @@ def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cach
                                           "callbacks.checkpoint.every_n_epochs=0",
                                           "callbacks.guided_backprop.every_n_epochs=0"))
         L.seed_everything(0)
-        module = experiment.build_module(cfg, experiment.build_net(cfg))
+        module = experiment.build_module(cfg)
         before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
         trainer = experiment.build_trainer(cfg, tmp_path / str(cap), [], False)
         trainer.fit(module, datamodule=experiment.build_datamodule(cfg))

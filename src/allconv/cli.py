@@ -1,28 +1,31 @@
-"""Hydra plumbing shared by the scripts in src/: pre-flight checks, the config tree, one-line errors.
+"""What the entry points in src/ share: the pre-flight check inside Hydra, the config tree, one-line errors.
 
-preflight() composes the command line's config before Hydra starts any job, so an unknown model,
-a misspelt key or a bad value ends with one line on stderr and exit status 2, before a run
-directory or a checkpoint is written. In a multirun, a job that fails later is recorded as failed
-in its own metrics.json and the sweep goes on.
+Preflight is a Hydra callback (conf/train.yaml, eval.yaml, visualize.yaml: hydra.callbacks). It runs
+a check function on the composed config of the run, or of every job of a multirun, before Hydra
+creates a run folder: a bad value, a missing file or an unwritable output folder ends with one line
+on stderr and exit status 2, and nothing is written. Later failures come through run(): an
+AllConvError is one line and its exit status; in a multirun the job is recorded in its metrics.json
+and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-INSPECT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
-                 "--resolve"}
+from allconv.errors import AllConvError, ConfigError
+
 # Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
 for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
                  ".*does not have many workers.*", ".*exists and is not empty.*"):
     warnings.filterwarnings("ignore", message=_pattern)
-VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p",
-               "--experimental-rerun"}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -33,78 +36,130 @@ def fail(message: str, code: int = 2) -> None:
 def _one_line(e: Exception) -> str:
     from hydra.errors import MissingConfigException
 
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
     if isinstance(e, MissingConfigException) and getattr(e, "options", None):
         return f"{first}; allowed: {', '.join(sorted(o for o in e.options if not o.startswith('_')))}"
-    cause = e.__cause__
     if "Could not override" in first or "Could not append" in first:
-        detail = str(cause).splitlines()[0] if cause else ""
-        return f"{first.rstrip('.')}: {detail or 'no such key'} (add a new key with +key=value)"
+        cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ and str(e.__cause__).strip() else ""
+        return f"{first.rstrip('.')}: {cause or 'no such key'} (add a new key with +key=value)"
     return first
 
 
-def _glob_options(o) -> list[str]:
-    """The options of a config group that glob(...) selects (files under conf/<group>, not _private ones)."""
-    group = CONF_DIR / o.key_or_group
-    names = sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_")) if group.is_dir() else []
-    return o.value().filter(names)
+def main(hydra_main: Callable[[], object]) -> None:
+    """Run a hydra.main entry point; a config that does not compose is one line and exit status 2.
 
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its own multi-line report, so the
+    composition error reaches this one handler; errors of a job are handled by the job (train_job, run).
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """Override lists to check: each sweep's elements one at a time, others at their first element."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    base, sweeps = [], []
-    for o in parsed:
-        if o.is_hydra_override() if hasattr(o, "is_hydra_override") else o.key_or_group.startswith("hydra"):
-            continue
-        if o.is_sweep_override():
-            if o.is_discrete_sweep():
-                values = _glob_options(o) if o.value_type == ValueType.GLOB_CHOICE_SWEEP else \
-                    list(o.sweep_string_iterator())
-                if not values:
-                    raise ValueError(f"empty sweep for {o.key_or_group}: it matches no value; give at least one")
-                sweeps.append([f"{o.get_key_element()}={v}" for v in values])
-            continue  # interval sweeps: for optimising sweepers, every element is a number
-        base.append(o.input_line)
-    combos = [base + [s[0] for s in sweeps]]
-    for i, s in enumerate(sweeps):
-        for v in s[1:]:
-            combos.append(base + [t[0] for t in sweeps[:i]] + [v] + [t[0] for t in sweeps[i + 1:]])
-    return combos
-
-
-def preflight(config_name: str, argv: list[str], check=None) -> None:
-    """Compose and check the config(s) the command line asks for; exit 2 with one line if any is bad."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    args = argv[1:]
-    if any(a in INSPECT_FLAGS or a.startswith("--cfg=") for a in args):
-        return  # Hydra only prints something; nothing runs
-    overrides, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in VALUE_FLAGS:
-            skip = True
-        elif not a.startswith("-"):
-            overrides.append(a)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        combos = _expand(overrides)
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            for combo in combos:
-                cfg = compose(config_name=config_name, overrides=combo)
-                if check is not None:
-                    check(cfg)
-    except SystemExit:
-        raise
-    except Exception as e:  # any composition or value error becomes one line
-        GlobalHydra.instance().clear()
-        fail(_one_line(e))
-    GlobalHydra.instance().clear()
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(_one_line(e), 2)
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
+    if probe == path:
+        try:
+            test = path / f".allconv-write-test-{os.getpid()}"
+            test.write_bytes(b"")
+            test.unlink()
+        except OSError as e:
+            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
+    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
+
+
+def _can_mkdir(parent: Path) -> bool:
+    test = parent / f".allconv-mkdir-test-{os.getpid()}"
+    try:
+        test.mkdir()
+        test.rmdir()
+        return True
+    except OSError:
+        return False
+
+
+def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:
+    """The composed config of every job of a multirun, as the launcher will compose it.
+
+    The sweep is read with Hydra's own override parser (the grammar, glob() included) and each job
+    composed by Hydra's config loader (load_sweep_config, what launchers call); the jobs are the
+    cartesian product of the sweeps, the basic sweeper's rule. None for a sweeper that picks values
+    as it goes (an interval sweep): those jobs are checked when they start.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    axes: dict[str, list[str]] = {}
+    for o in OverridesParser.create(config_loader=loader).parse_overrides(args):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            if not axes[key]:
+                raise ConfigError(f"{key}: the sweep matches no value; give at least one")
+        else:
+            return None
+    return (loader.load_sweep_config(config, list(combo)) for combo in itertools.product(*axes.values()))
+
+
+class Preflight(Callback):
+    """Run `check` (a dotted function name taking the job config) before any run folder exists."""
+
+    def __init__(self, check: str, output_key: str | None = "hydra.run.dir") -> None:
+        from hydra.utils import get_method
+
+        self.check: Callable[[DictConfig], None] = get_method(check)
+        self.output_key = output_key
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except AllConvError as e:
+            fail(str(e), 2)
+        except Exception as e:  # composition errors of Hydra and OmegaConf become one line too
+            fail(_one_line(e), 2)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        def run() -> None:
+            self.check(config)
+            if self.output_key and OmegaConf.select(config, self.output_key) is not None:
+                check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
+
+        self._guarded(run)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        def run() -> None:
+            jobs = job_configs(config)
+            for job in jobs or ():
+                self.check(job)
+            check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+        self._guarded(run)
+
+
+def run(fn: Callable[[], object]) -> object:
+    """Call fn; an AllConvError becomes its one line and exit status."""
+    try:
+        return fn()
+    except AllConvError as e:
+        fail(str(e), e.exit_code)
 
 
 def print_config_tree(cfg: DictConfig, fields=("model", "data", "optim", "trainer", "logger", "callbacks")) -> None:
@@ -136,7 +191,34 @@ def is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def model_name(cfg: DictConfig) -> str:
-    from allconv.models import config_name
+def train_job(cfg: DictConfig) -> float | None:
+    """One training job: the single place where its failures become a line, an exit status, a record."""
+    from allconv import experiment, models
 
-    return config_name(cfg.model.family, cfg.model.variant)
+    if cfg.print_config:
+        print_config_tree(cfg)
+    out = run_dir()
+    try:
+        metrics = experiment.train(cfg, out)
+    except Exception as e:
+        known = isinstance(e, AllConvError)
+        status = getattr(e, "status", "failed")
+        message = str(e) if known else f"{type(e).__name__}: {_one_line(e)}"
+        record = {"status": status, "error": message, "model": models.config_name(cfg.model.family, cfg.model.variant),
+                  "lr": cfg.optim.lr, "seed": cfg.seed}
+        try:
+            experiment.write_json(out / "metrics.json", record)
+        except OSError:
+            pass  # the folder itself is what failed; the line below says why
+        if is_multirun():  # the sweep goes on; the report lists this run as failed or interrupted
+            if not known:
+                import traceback
+
+                traceback.print_exc()
+            print(f"error: {message}", file=sys.stderr)
+            return None
+        if not known:
+            raise
+        fail(message, e.exit_code)
+    print(f"test error {metrics['test_error']:.4f}  ->  {out / 'metrics.json'}")
+    return metrics["test_error"]

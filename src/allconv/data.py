@@ -111,36 +111,77 @@ def download_official(name: str, root: str | Path) -> None:
                         f"check the network, or put {folder}/ into data.root and set data.download=false") from None
 
 
-def load_npz(path: str | Path, num_classes: int) -> dict:
-    """Read and validate an arrays file: x_* uint8 (N, 32, 32, 3), y_* integers in [0, num_classes)."""
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_error(path: Path, e: Exception) -> DataError:
+    return DataError(f"data.path {str(path)!r} is not a readable .npz arrays file ({type(e).__name__}); "
+                     f"expected an .npz with x_train, y_train, x_test, y_test")
+
+
+def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> None:
+    """shapes: key -> (shape, dtype) of x_*/y_*; labels: split -> y array. One DataError for the first fault."""
+    missing = [k for k in NPZ_KEYS if k not in shapes]
+    if missing:
+        raise DataError(f"data.path {str(path)!r} lacks {', '.join(missing)}; needs x_train, y_train, x_test, y_test")
+    for split in ("train", "test"):
+        (xs, xd), (ys, yd) = shapes[f"x_{split}"], shapes[f"y_{split}"]
+        if xd != np.uint8:
+            raise DataError(f"x_{split} in {str(path)!r} has dtype {xd}; allowed: uint8 (0..255)")
+        if len(xs) != 4 or tuple(xs[1:]) != (32, 32, 3):
+            raise DataError(f"x_{split} in {str(path)!r} has shape {tuple(xs)}; allowed: (N, 32, 32, 3) NHWC")
+        if len(ys) != 1 or ys[0] != xs[0] or not np.issubdtype(yd, np.integer):
+            raise DataError(f"y_{split} in {str(path)!r} has shape {tuple(ys)} {yd}; allowed: ({xs[0]},) integers")
+        y = labels[split]
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise DataError(f"y_{split} in {str(path)!r} holds label {bad}; allowed: 0..{num_classes - 1} "
+                            f"(data.num_classes={num_classes})")
+
+
+def check_npz(path: str | Path, num_classes: int) -> int:
+    """Validate an arrays file from its headers and labels, without reading the images; returns n_train."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.path {str(path)!r} does not exist; "
                         f"expected an .npz with x_train, y_train, x_test, y_test")
     try:
+        shapes = {}
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.removesuffix(".npy") in NPZ_KEYS:
+                    with z.open(name) as f:
+                        version = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                            np.lib.format.read_array_header_2_0
+                        shape, _, dtype = read(f)
+                        shapes[name.removesuffix(".npy")] = (shape, dtype)
+        labels = {}
+        if all(k in shapes for k in ("y_train", "y_test")):
+            with np.load(path, allow_pickle=False) as f:  # the labels only: a few hundred kB
+                labels = {"train": f["y_train"], "test": f["y_test"]}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise _npz_error(path, e) from None
+    _check_arrays(path, shapes, labels, num_classes)
+    return shapes["x_train"][0][0]
+
+
+def load_npz(path: str | Path, num_classes: int) -> dict:
+    """Read and validate an arrays file: x_* uint8 (N, 32, 32, 3), y_* integers in [0, num_classes)."""
+    path = Path(path)
+    if not path.is_file():
+        check_npz(path, num_classes)  # the one-line error for a missing file
+    try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"data.path {str(path)!r} is not a readable .npz arrays file ({type(e).__name__}); "
-                        f"expected an .npz with x_train, y_train, x_test, y_test") from None
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise DataError(f"data.path {str(path)!r} lacks {', '.join(missing)}; needs x_train, y_train, x_test, y_test")
+        raise _npz_error(path, e) from None
+    shapes = {k: (arrays[k].shape, arrays[k].dtype) for k in NPZ_KEYS if k in arrays}
+    _check_arrays(path, shapes, {s: arrays.get(f"y_{s}") for s in ("train", "test")}, num_classes)
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8:
-            raise DataError(f"x_{split} in {str(path)!r} has dtype {x.dtype}; allowed: uint8 (0..255)")
-        if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise DataError(f"x_{split} in {str(path)!r} has shape {x.shape}; allowed: (N, 32, 32, 3) NHWC")
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"y_{split} in {str(path)!r} has shape {y.shape} {y.dtype}; allowed: ({len(x)},) integers")
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            bad = int(y.min()) if y.min() < 0 else int(y.max())
-            raise DataError(f"y_{split} in {str(path)!r} holds label {bad}; allowed: 0..{num_classes - 1} "
-                            f"(data.num_classes={num_classes})")
-        arrays[f"y_{split}"] = y.astype(np.int64)
+        arrays[f"y_{split}"] = arrays[f"y_{split}"].astype(np.int64)
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num_classes)]
-    return {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")} | {"classes": classes}
+    return {k: arrays[k] for k in NPZ_KEYS} | {"classes": classes}
 
 
 def _check_writable(root: Path) -> None:
@@ -244,7 +285,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     # -- checks that run before any training -------------------------------------------------
     def validate(self) -> None:
-        """Fail fast, with one line, on every bad data setting; loads nothing heavy except an npz."""
+        """Fail fast, with one line, on every bad data setting; reads file headers and labels, not images."""
         if self.source not in ("cifar10", "cifar100", "npz"):
             raise DataError(f"unknown data.source {self.source!r}; allowed: cifar10, cifar100, npz")
         if self.preprocess not in PREPROCESS:
@@ -258,7 +299,9 @@ class CIFARDataModule(L.LightningDataModule):
         if self.source == "npz":
             if not self.path:
                 raise DataError("data.path is not set; data=npz needs data.path=<arrays .npz>")
-            self._load_raw()
+            n_train = check_npz(self.path, self.num_classes)
+            if self.limit_train:
+                n_train = min(n_train, self.limit_train)
         else:
             folder = self.root / OFFICIAL[self.source][0]
             if not self.download and not folder.is_dir():
@@ -266,10 +309,9 @@ class CIFARDataModule(L.LightningDataModule):
                                 f"data.download=false; set data.download=true or point data.root at the data")
             if self.download and not folder.is_dir():
                 _check_writable(self.root)
-        if self.source != "npz" or self._raw is not None:
-            n_train = len(self._raw["y_train"]) if self._raw else None
-            if n_train is not None and self.val_size >= n_train:
-                raise DataError(f"data.val_size={self.val_size} must be below the {n_train} training images")
+            n_train = None  # known once the files are read; setup() checks val_size then
+        if n_train is not None and self.val_size >= n_train:
+            raise DataError(f"data.val_size={self.val_size} must be below the {n_train} training images")
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -295,6 +337,8 @@ class CIFARDataModule(L.LightningDataModule):
         raw = self._load_raw()
         x_train, y_train = raw["x_train"], raw["y_train"]
         splits = {}
+        if self.val_size >= len(x_train):
+            raise DataError(f"data.val_size={self.val_size} must be below the {len(x_train)} training images")
         if self.val_size:
             # The validation images are held out before the whitening fit, so they stay unseen.
             order = np.random.default_rng(self.split_seed).permutation(len(x_train))

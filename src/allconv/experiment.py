@@ -1,8 +1,10 @@
 """From a composed config to a trained, tested model: the objects a run is made of.
 
-train(cfg) checks every setting first (one-line ConfigError / DataError before anything is
-written), then builds the network, the DataModule, the LightningModule and the Trainer, fits,
-tests, and writes metrics.json into the run directory.
+check(cfg) is every check that can be made before a run folder exists: values, the model's knobs
+and layer names (on the meta device: nothing is allocated or initialised), the data files' headers.
+cli.Preflight runs it inside Hydra on the composed config of every job before the first one starts.
+train(cfg, run_dir) then builds each object once (network, DataModule, LightningModule, Trainer),
+fits, tests and writes metrics.json into the run directory.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be an integer >= 1, got {cfg.trainer.max_epochs!r}")
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    net = build_net(cfg)  # the model knobs are checked by the builder
+    with torch.device("meta"):  # the builder checks the model knobs; meta: no memory, no init compute
+        net = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes)
     gb = cfg.callbacks.get("guided_backprop")
     if gb and gb.get("every_n_epochs"):
         from allconv.visualize import validate
@@ -57,36 +60,46 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.guided_backprop: {e}") from None
 
 
-def preflight_check(cfg: DictConfig) -> None:
-    """Everything that can be checked before Hydra creates a run directory: settings and data."""
-    check_config(cfg)
-    build_datamodule(cfg).validate()
-
-
-def build_net(cfg: DictConfig) -> torch.nn.Module:
-    m = cfg.model
+def check(cfg: DictConfig) -> None:
+    """Everything that can be checked before Hydra creates a run directory: settings and data files."""
     try:
-        return models.build(m.family, m.variant, num_classes=cfg.data.num_classes, width=m.width,
-                            dropout_input=m.dropout_input, dropout_pool=m.dropout_pool,
-                            final_relu=m.final_relu, init=m.init, final_bias=m.final_bias)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        check_config(cfg)
+    except ValueError as e:  # the builder's own one-line errors
+        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
+    build_datamodule(cfg).validate()
+    if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
+        from allconv import checkpoint
+
+        checkpoint.read(cfg.ckpt_path)
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """src/eval.py's check: the checkpoint loads safely and is an allconv checkpoint."""
+    from allconv import checkpoint
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
+    checkpoint.read(cfg.ckpt_path)
+
+
+def net_kwargs(cfg: DictConfig) -> dict:
+    """The keyword arguments of models.build for this run (num_classes comes from the data)."""
+    m = cfg.model
+    return dict(family=m.family, variant=m.variant, width=m.width, dropout_input=m.dropout_input,
+                dropout_pool=m.dropout_pool, final_relu=m.final_relu, init=m.init, final_bias=m.final_bias)
 
 
 def build_datamodule(cfg: DictConfig) -> CIFARDataModule:
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    if cfg.get("model") is not None and cfg.model.get("compile"):
-        data["drop_last"] = True  # a compiled network sees one training batch shape: no recompiles
-    return CIFARDataModule(**data, seed=cfg.seed)
+    return CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed)
 
 
-def build_module(cfg: DictConfig, net: torch.nn.Module) -> AllConvModule:
+def build_module(cfg: DictConfig) -> AllConvModule:
+    """The LightningModule, which builds the network: every argument a plain value (its hyperparameters)."""
     o = cfg.optim
-    return AllConvModule(net, num_classes=cfg.data.num_classes, lr=o.lr, momentum=o.momentum,
+    return AllConvModule(net_kwargs(cfg), num_classes=cfg.data.num_classes, lr=o.lr, momentum=o.momentum,
                          weight_decay=o.weight_decay, milestones=list(o.milestones), gamma=o.gamma,
                          nesterov=o.nesterov, max_update_norm=o.get("max_update_norm"), compile=cfg.model.compile,
-                         channels_last=cfg.model.channels_last,
-                         hparams=OmegaConf.to_container(cfg, resolve=True))
+                         channels_last=cfg.model.channels_last, config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -143,12 +156,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from allconv.callbacks import build_callbacks
     from allconv.resume import EpochSeed
 
-    check_config(cfg)
     dm = build_datamodule(cfg)
-    dm.validate()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = build_net(cfg)
-    module = build_module(cfg, net)
+    module = build_module(cfg)
+    net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed)]  # a resumed run repeats the same draws
     trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
@@ -168,7 +179,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "network": models.paper_name(cfg.model.family, cfg.model.variant),
         "family": cfg.model.family, "variant": cfg.model.variant, "width": cfg.model.width,
         "data": cfg.data.source, "preprocess": cfg.data.preprocess, "augment": cfg.data.augment,
-        "lr": cfg.optim.lr, "seed": cfg.seed, "epochs": trainer.current_epoch,
+        "lr": cfg.optim.lr, "max_update_norm": cfg.optim.get("max_update_norm"), "seed": cfg.seed,
+        "epochs": trainer.current_epoch,
         "batch_size": cfg.data.batch_size,
         "params": models.count_params(net),
         "test_error": float(trainer.callback_metrics["test/error"]),
@@ -191,32 +203,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return metrics
 
 
-def load_checkpoint_config(ckpt_path: str | Path) -> DictConfig:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        return OmegaConf.create(ckpt["hyper_parameters"]), ckpt
-    except Exception as e:
-        raise ConfigError(f"ckpt_path {str(path)!r} is not an allconv checkpoint ({type(e).__name__})") from None
+def evaluate(cfg: DictConfig) -> dict:
+    """Re-test a checkpoint (cfg.ckpt_path) on its own data, or on the data keys cfg.data sets."""
+    from allconv import checkpoint
 
-
-def evaluate(ckpt_path: str, data_overrides: dict, trainer_overrides: dict) -> dict:
-    """Re-test a checkpoint on its own data (or on data_overrides, e.g. another arrays file)."""
-    cfg, ckpt = load_checkpoint_config(ckpt_path)
-    cfg.data = OmegaConf.merge(cfg.data, {k: v for k, v in data_overrides.items() if v is not None})
-    cfg.trainer = OmegaConf.merge(cfg.trainer, trainer_overrides)
-    dm = build_datamodule(cfg)
+    run_cfg, module = checkpoint.load(cfg.ckpt_path)
+    run_cfg.data = OmegaConf.merge(run_cfg.data, {k: v for k, v in cfg.data.items() if v is not None})
+    run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.trainer)
+    dm = build_datamodule(run_cfg)
     dm.validate()
-    net = build_net(cfg)
-    module = build_module(cfg, net)
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise ConfigError(f"checkpoint {ckpt_path!r} does not match its model "
-                          f"{cfg.model.family}/{cfg.model.variant}") from None
-    trainer = L.Trainer(logger=False, **{**trainer_kwargs(cfg), "max_epochs": 1})
+    trainer = L.Trainer(logger=False, **{**trainer_kwargs(run_cfg), "max_epochs": 1})
     trainer.test(module, datamodule=dm, verbose=False)
-    return {"model": models.config_name(cfg.model.family, cfg.model.variant), "ckpt_path": str(ckpt_path),
-            "data": cfg.data.source, "test_error": float(trainer.callback_metrics["test/error"])}
+    return {"model": models.config_name(run_cfg.model.family, run_cfg.model.variant),
+            "ckpt_path": str(cfg.ckpt_path), "data": run_cfg.data.source,
+            "test_error": float(trainer.callback_metrics["test/error"])}

@@ -5,7 +5,8 @@ Cross-entropy, SGD with momentum 0.9 and weight decay 1e-3, learning rate x0.1 a
 at every step, from the learning rate in force at that step (README, "Why it trains"). Metrics
 accumulate on the device and are logged per epoch: the training step makes no host sync. A
 non-finite loss is recorded on the device (the first step where it happened) and checked once per
-epoch by callbacks.FiniteLossGuard.
+epoch, before validation and before the epoch's checkpoint is written (Lightning runs the module's
+on_train_epoch_end before ModelCheckpoint's): a diverged run stops and its last good checkpoint stays.
 """
 
 from __future__ import annotations
@@ -16,26 +17,36 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torch import nn
+
+from allconv import models
+from allconv.errors import NonFiniteLossError
 
 
 class AllConvModule(L.LightningModule):
-    def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.05, momentum: float = 0.9,
+    """One of the 12 networks with the paper's recipe.
+
+    Every argument is a plain value, saved as the checkpoint's hyperparameters: net is the keyword
+    arguments of models.build (family, variant, width, dropouts, final_relu, init, final_bias) and
+    config the whole run config, so AllConvModule.load_from_checkpoint(path) rebuilds the network
+    from the path alone and the checkpoint loads with weights_only=True.
+    """
+
+    def __init__(self, net: dict, num_classes: int = 10, lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 1e-3, milestones=(200, 250, 300), gamma: float = 0.1,
                  nesterov: bool = False, max_update_norm: float | None = 0.125, compile: bool = False,
-                 channels_last: bool = False, hparams: dict | None = None):
+                 channels_last: bool = False, config: dict | None = None):
         super().__init__()
-        self.save_hyperparameters(hparams or {})
-        self.net = net
+        self.save_hyperparameters()
+        self.net = models.build(**net, num_classes=num_classes)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.milestones, self.gamma, self.nesterov = list(milestones), gamma, nesterov
         self.max_update_norm = max_update_norm
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        # Compile the network, not the LightningModule: hooks and logging stay eager. Kept out of
-        # the module registry so checkpoints hold the weights once, under net.*.
-        object.__setattr__(self, "forward_net", torch.compile(self.net) if compile else self.net)
+        if compile:  # in place: hooks and logging stay eager, the state_dict keys stay net.*
+            self.net.compile()
+        self.example_input_array = torch.zeros(2, 3, 32, 32)  # the model summary's output shapes and FLOPs
         # validate_args=False: the argument checks call torch.unique, a host sync on every step.
         metric = dict(task="multiclass", num_classes=num_classes, validate_args=False)
         self.train_acc = torchmetrics.Accuracy(**metric)
@@ -52,7 +63,7 @@ class AllConvModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.forward_net(x)
+        return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -94,7 +105,22 @@ class AllConvModule(L.LightningModule):
         if self.max_update_norm is not None:  # the lr changes only between epochs: one threshold per epoch
             self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True)
 
+    def _check_finite(self) -> None:
+        step = int(self.first_bad_step.item())  # the one host sync of the guard, once per epoch
+        if step < 0:
+            return
+        trainer = self.trainer
+        ckpt = next((cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), None)
+        where = f"; last good checkpoint: {ckpt}" if ckpt else "; no checkpoint was written before it"
+        raise NonFiniteLossError(f"non-finite loss at epoch {trainer.current_epoch}, step {step} of the epoch "
+                                 f"(lr={trainer.optimizers[0].param_groups[0]['lr']:g}){where}")
+
+    def on_validation_start(self):
+        if self.trainer.training:  # validation inside fit: do not validate a diverged network
+            self._check_finite()
+
     def on_train_epoch_end(self):
+        self._check_finite()
         if self._seen:
             self.log("train/loss", self._loss_sum / self._seen, prog_bar=True, sync_dist=True)
             self.log("train/acc", self.train_acc.compute())

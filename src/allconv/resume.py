@@ -46,6 +46,14 @@ def expand_argv(argv: list[str]) -> list[str]:
     if not ckpt.is_file():
         raise ResumeError(f"resume={run}: no checkpoints/last.ckpt (killed before its first epoch ended); "
                           f"start the run again")
+    from allconv import checkpoint
+    from allconv.errors import CheckpointError
+
+    try:
+        checkpoint.read(ckpt)
+    except CheckpointError as e:
+        raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
+                          f"(or restore an earlier copy of last.ckpt)") from None
     metrics = run / "metrics.json"
     if metrics.is_file() and '"status": "ok"' in metrics.read_text():
         raise ResumeError(f"resume={run}: the run already finished (metrics.json); nothing to resume")
