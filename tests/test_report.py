@@ -183,15 +183,16 @@ def test_curves_table_one_row_per_run_with_its_outcome(study):
     assert set(rows) - {"run", "---"} == {"0_lr0.25_cap0.125", "1_lr0.1_cap0.125", "2_lr0.05_cap0.125",
                                           "3_lr0.01_cap0.125", "0_lr0.05_capNone", "4_lr0.001_cap0.125"}
     dead = rows["0_lr0.25_cap0.125"]
-    assert dead[2:5] == ["All-CNN-C", "0.25", "0.125"] and dead[10] == "died at epoch 3"
+    assert dead[2:5] == ["All-CNN-C", "0.25", "0.125"] and dead[11] == "died at epoch 3" and dead[10] == "29"
     assert dead[7] == "55.00 (2)"  # best validation error, before it died
     capped, plain = rows["2_lr0.05_cap0.125"], rows["0_lr0.05_capNone"]
     assert capped[4] == "0.125" and plain[4] == "none"
     assert (capped[8], plain[8]) == ("30.00", "32.00") and (capped[6], plain[6]) == ("31.00", "32.50")
-    assert capped[10] == "trained to the end (6 epochs)" and capped[11] == "10.1 min"
+    assert capped[11] == "trained to the end (6 epochs)" and capped[12] == "10.1 min"
+    assert plain[10] == "–"  # no cap: nothing logged
     killed = rows["4_lr0.001_cap0.125"]
     assert killed[2] == "All-CNN-C" and killed[8] == "–"
-    assert killed[10] == "no metrics.json (killed or still running) after 2 epochs"
+    assert killed[11] == "no metrics.json (killed or still running) after 2 epochs"
     order = [line.split("|")[1].strip() for line in study["text"].splitlines() if line.startswith("| ")][2:]
     assert order.index("2_lr0.05_cap0.125") + 1 == order.index("0_lr0.05_capNone")  # lr descending, capped first
 
@@ -201,8 +202,8 @@ def test_curves_findings_come_from_the_numbers(study):
     assert ("- Trained to the end: lr 0.1 (cap 0.125), lr 0.05 (cap 0.125), lr 0.05 (no cap), "
             "lr 0.01 (cap 0.125).") in text
     assert "- Lowest final validation error: lr 0.1 (cap 0.125), 29.00% (test error 29.00%)." in text
-    assert ("- lr 0.25 (cap 0.125) died at epoch 3 after reaching 55.00% validation error at epoch 2: from then on "
-            "train loss 2.303 (ln 10 = 2.303) and train accuracy 10.0% at the last epoch; test error 90.00%.") in text
+    assert ("- lr 0.25 (cap 0.125) died at epoch 3 after reaching 55.00% validation error at epoch 2: at chance from "
+            "then on (last epoch: train loss 2.303, ln 10 = 2.303; train accuracy 10.0%); test error 90.00%.") in text
     assert ("- At lr 0.05, cap 0.125 vs no cap: test error 30.00% vs 32.00%, final validation error 31.00% vs "
             "32.50%, wall time 10.1 min vs 9.8 min: the cap gains 2.00 points of test error (one seed each); "
             "with the cap, 50% of the steps of epoch 1 and 29% of all steps were capped.") in text

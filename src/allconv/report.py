@@ -563,18 +563,21 @@ def _pc(x: float | None) -> str:
 
 def runs_table(traces: list[Trace]) -> list[str]:
     lines = ["| run | network | lr | update cap | epochs | val error % (last) | val error % (best, epoch) "
-             "| test error % | train loss (last) | outcome | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test error % | train loss (last) | steps capped % | outcome | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in traces:
         r, s = t.run, t.series
         best = _best(s, "val/error")
         loss = _final(s, "train/loss")
         test = r.metrics.get("test_error") if r.status == "ok" else None
         wall = r.metrics.get("wall_time_s") if isinstance(r.metrics.get("wall_time_s"), (int, float)) else None
+        capped = s.get("optim/clipped_frac", {})  # per epoch; epochs have equal step counts
         lines.append(f"| {r.path.name} | {r.network} | {_g(r.lr)} "
                      f"| {'none' if r.cap is None else f'{r.cap:g}'} | {t.epochs} | {_pc(_final(s, 'val/error'))} "
                      f"| {'–' if best is None else f'{100 * best[0]:.2f} ({best[1]})'} | {_pc(test)} "
-                     f"| {'–' if loss is None else f'{loss:.3f}'} | {t.fate()} | {_fmt_time(wall)} |")
+                     f"| {'–' if loss is None else f'{loss:.3f}'} "
+                     f"| {f'{100 * statistics.fmean(capped.values()):.0f}' if capped else '–'} "
+                     f"| {t.fate()} | {_fmt_time(wall)} |")
     return lines
 
 
@@ -601,10 +604,9 @@ def findings(traces: list[Trace]) -> list[str]:
         pre = ""
         if t.learned and t.died_at - 2 in s.get("val/error", {}):
             pre = f" after reaching {_pc(s['val/error'][t.died_at - 2])}% validation error at epoch {t.died_at - 1}"
-        out.append(f"{_who(t)} {when}{pre}: from then on train loss {_final(s, 'train/loss'):.3f} "
-                   f"(ln {t.num_classes} = {math.log(t.num_classes):.3f}) and train accuracy "
-                   f"{100 * _final(s, 'train/acc'):.1f}% at the last epoch; "
-                   f"test error {_pc(t.run.metrics.get('test_error'))}%.")
+        out.append(f"{_who(t)} {when}{pre}: at chance from then on (last epoch: train loss "
+                   f"{_final(s, 'train/loss'):.3f}, ln {t.num_classes} = {math.log(t.num_classes):.3f}; train accuracy "
+                   f"{100 * _final(s, 'train/acc'):.1f}%); test error {_pc(t.run.metrics.get('test_error'))}%.")
     for t in traces:
         if t.run.status != "ok":
             out.append(f"{_who(t)}: {t.fate()}.")
