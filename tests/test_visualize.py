@@ -1,5 +1,6 @@
 """Backprop, deconvnet and guided backprop (allconv.visualize): hand-computed values, the ReLU rules
-against an independent autograd computation, no side effects on the model, the callback, the CLI."""
+against an independent autograd computation, no side effects on the model, the training callback.
+The command (src/visualize.py) and the figures from a checkpoint: tests/test_figures.py."""
 
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ from allconv.visualize import (
     top_activations,
     topk_figure,
 )
-from conftest import SRC, last_line, run_cli
-
-VISUALIZE_PY = SRC / "visualize.py"
 
 
 def _conv(w) -> nn.Conv2d:
@@ -237,7 +235,10 @@ def test_bad_input_is_one_line(kwargs, match):
 
 
 # -- the callback ----------------------------------------------------------------------------------
-def test_callback_writes_its_grid_during_fast_dev_run(tmp_path, make_npz):
+SMALL = dict(family="c", variant="allcnn", width=0.125, final_bias=0.5)  # _small_allcnn's network
+
+
+def test_callback_writes_its_grid_and_the_filters_during_fast_dev_run(tmp_path, make_npz):
     import lightning as L
     from PIL import Image
 
@@ -247,30 +248,49 @@ def test_callback_writes_its_grid_during_fast_dev_run(tmp_path, make_npz):
 
     dm = CIFARDataModule(source="npz", path=str(make_npz(n_train=32, n_test=8)), preprocess="standardize",
                          batch_size=16, cache_dir=str(tmp_path / "zca"))
-    module = AllConvModule(_small_allcnn(), num_classes=10)
+    module = AllConvModule(SMALL, num_classes=10)
     cb = GuidedBackpropGrid(run_dir=tmp_path, every_n_epochs=1, num_images=3)
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[cb], logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
     pngs = sorted((tmp_path / "guided_backprop").glob("*.png"))
-    assert [p.name for p in pngs] == ["epoch_001.png"] and cb.written == pngs
+    assert [p.name for p in pngs] == ["epoch_001.png"]
     w, h = Image.open(pngs[0]).size
     assert (w, h) == (4 * 64 + 5 * 2, 3 * 64 + 4 * 2)  # 3 rows of image | backprop | deconvnet | guided
+    filters = [tmp_path / "filters" / "block1.conv1.png", tmp_path / "filters" / "block1.conv2.png"]
+    assert cb.written == pngs + filters
+    # 12 filters of 3x3 each (width 0.125): 4 tiles a row, 3 rows of 24-pixel tiles with 1-pixel gaps
+    assert [Image.open(p).size for p in filters] == [(4 * 25 + 1, 3 * 25 + 1)] * 2
+
+
+def test_callback_without_filters(tmp_path):
+    from allconv.module import AllConvModule
+    from allconv.visualize_callback import GuidedBackpropGrid
+
+    cb = GuidedBackpropGrid(run_dir=tmp_path, filters=False)
+    cb._filters(SimpleNamespace(is_global_zero=True, loggers=[]), AllConvModule(SMALL, num_classes=10))
+    assert cb.written == [] and not (tmp_path / "filters").exists()
 
 
 def test_callback_logs_to_wandb_and_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+    from allconv.module import AllConvModule
     from allconv.visualize_callback import GuidedBackpropGrid
 
     wandb, tb = mock.MagicMock(spec=WandbLogger), mock.MagicMock(spec=TensorBoardLogger)
     tb.experiment = mock.MagicMock()
     cb = GuidedBackpropGrid(run_dir=tmp_path)
     picture = torch.zeros(3, 8, 8)
-    cb._log(SimpleNamespace(loggers=[wandb, tb], global_step=7), picture, tmp_path / "x.png")
+    trainer = SimpleNamespace(loggers=[wandb, tb], global_step=7, is_global_zero=True)
+    cb._log(trainer, picture, tmp_path / "x.png")
     wandb.log_image.assert_called_once()
     assert wandb.log_image.call_args.kwargs["step"] == 7
     tb.experiment.add_image.assert_called_once_with("guided_backprop", picture, global_step=7)
+    cb._filters(trainer, AllConvModule(SMALL, num_classes=10))
+    keys = [c.kwargs["key"] for c in wandb.log_image.call_args_list]
+    assert keys == ["guided_backprop", "filters/block1.conv1", "filters/block1.conv2"]
+    assert [c.args[0] for c in tb.experiment.add_image.call_args_list] == keys
 
 
 def test_callback_rejects_a_bad_layer_before_training(tmp_path):
@@ -279,50 +299,4 @@ def test_callback_rejects_a_bad_layer_before_training(tmp_path):
 
     cb = GuidedBackpropGrid(run_dir=tmp_path, layer="nope")
     with pytest.raises(VisualizeError, match="callbacks.guided_backprop: unknown layer 'nope'"):
-        cb.setup(None, AllConvModule(_small_allcnn(), num_classes=10), "fit")
-
-
-# -- the CLI ---------------------------------------------------------------------------------------
-def _checkpoint(tmp_path, make_npz, compose_cfg, **model):
-    from omegaconf import OmegaConf
-
-    from allconv import experiment
-
-    data = make_npz(n_train=16, n_test=12)
-    cfg = compose_cfg("data=npz", f"data.path={data}", "data.preprocess=standardize", "model.width=0.125")
-    net = experiment.build_net(cfg)
-    module = experiment.build_module(cfg, net)
-    hp = OmegaConf.to_container(cfg, resolve=True)
-    hp["model"].update(model)
-    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    path.parent.mkdir(parents=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp}, path)
-    return path
-
-
-def test_cli_renders_both_figures(tmp_path, make_npz, compose_cfg):
-    ckpt = _checkpoint(tmp_path, make_npz, compose_cfg)
-    code, out, err = run_cli(f"ckpt_path={ckpt}", "viz.layer=block1.relu2", "viz.top_k=4", "viz.num_channels=2",
-                             cwd=tmp_path, script=VISUALIZE_PY, timeout=120)
-    assert code == 0, err
-    folder = tmp_path / "run" / "visualize" / "block1.relu2_guided"
-    assert last_line(out) == str(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["methods.png", "top4_block1.relu2_guided.png"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["viz.layer=conv9"], "error: unknown layer 'conv9'; allowed: logits, dropout_input, block1, block1.conv1,"),
-    (["viz.layer=block1.relu2", "viz.unit=99"],
-     "error: unit 99 is out of range for layer 'block1.relu2': allowed 0..11"),
-    (["viz.method=lrp"], "error: unknown viz.method 'lrp'; allowed: guided, deconvnet, backprop"),
-    (["viz.top_k=50"], "error: viz.top_k=50 is more than the 12 test images"),
-    ("mismatch", "does not match its model (all_cnn_c)"),
-])
-def test_cli_bad_input_writes_nothing(tmp_path, make_npz, compose_cfg, args, message):
-    ckpt = _checkpoint(tmp_path, make_npz, compose_cfg, **({"width": 0.25} if args == "mismatch" else {}))
-    before = sorted(p for p in tmp_path.rglob("*") if ".allconv-cache" not in p.parts)
-    code, _, err = run_cli(f"ckpt_path={ckpt}", *([] if args == "mismatch" else args), cwd=tmp_path,
-                           script=VISUALIZE_PY, timeout=120)
-    assert code != 0
-    assert len(err.strip().splitlines()) == 1 and message in err, err
-    assert sorted(p for p in tmp_path.rglob("*") if ".allconv-cache" not in p.parts) == before
+        cb.setup(None, AllConvModule(SMALL, num_classes=10), "fit")

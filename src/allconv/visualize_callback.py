@@ -3,7 +3,9 @@
 Every N epochs and at the end of training, for a fixed set of test images, a grid of
 image | backprop | deconvnet | guided (for the predicted class) is written to
 <run dir>/guided_backprop/epoch_NNN.png and sent to the active logger (W&B or TensorBoard).
-A handful of images costs a few forward/backward passes: far below 1% of an epoch.
+A handful of images costs a few forward/backward passes: far below 1% of an epoch. At the end of
+training the first two conv layers' filters (allconv.figures) go to <run dir>/filters/<layer>.png
+and to the logger too.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from allconv import visualize
+from allconv import figures, visualize
 
 
 class GuidedBackpropGrid(L.Callback):
     def __init__(self, run_dir: str | Path, every_n_epochs: int = 10, num_images: int = 8, layer: str = "logits",
-                 unit: int | None = None):
+                 unit: int | None = None, filters: bool = True):
         if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
             raise ValueError(f"callbacks.guided_backprop.every_n_epochs must be an integer >= 1, "
                              f"got {every_n_epochs!r}")
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ValueError(f"callbacks.guided_backprop.num_images must be an integer >= 1, got {num_images!r}")
         self.out_dir = Path(run_dir) / "guided_backprop"
+        self.filters_dir = Path(run_dir) / "filters" if filters else None
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
-        self.layer, self.unit = str(layer), unit  # Hydra reads layer: 8 as an integer; module names are strings
+        self.layer, self.unit = str(layer), unit  # a number from Hydra is a str here, so the error can list names
         self._last_epoch = 0  # epochs completed
         self._rendered = -1
         self.written: list[Path] = []
@@ -55,16 +58,26 @@ class GuidedBackpropGrid(L.Callback):
         self._rendered = self._last_epoch
         self._log(trainer, picture, path)
 
-    def _log(self, trainer: L.Trainer, picture: torch.Tensor, path: Path) -> None:
+    def _log(self, trainer: L.Trainer, picture: torch.Tensor, path: Path, key: str = "guided_backprop",
+             caption: str | None = None) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        caption = f"epoch {self._last_epoch}: image | backprop | deconvnet | guided"
+        caption = caption or f"epoch {self._last_epoch}: image | backprop | deconvnet | guided"
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="guided_backprop", images=[str(path)], caption=[caption],
-                                 step=trainer.global_step)
+                logger.log_image(key=key, images=[str(path)], caption=[caption], step=trainer.global_step)
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("guided_backprop", picture, global_step=trainer.global_step)
+                logger.experiment.add_image(key, picture, global_step=trainer.global_step)
+
+    def _filters(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.filters_dir is None or not trainer.is_global_zero:
+            return
+        net = getattr(pl_module, "net", pl_module)
+        for name, picture in figures.filter_pictures(net).items():
+            path = visualize.save_png(picture, self.filters_dir / f"{name}.png")
+            self.written.append(path)
+            self._log(trainer, picture, path, key=f"filters/{name}",
+                      caption=f"{name} after epoch {self._last_epoch}")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check layer and unit before the first epoch, not when the first grid is due."""
@@ -81,3 +94,4 @@ class GuidedBackpropGrid(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._render(trainer, pl_module)  # the final network, unless its epoch was just drawn
+        self._filters(trainer, pl_module)
