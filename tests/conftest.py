@@ -130,11 +130,36 @@ def shared_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("zca-shared")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_env(shared_cache_dir):
+    """$ALLCONV_CACHE is the shared cache for every run that names no data.cache_dir (in-process and CLI):
+    fits are keyed by the data, so equal tiny files are whitened once per session, never into ~/.cache."""
+    before = os.environ.get("ALLCONV_CACHE")
+    os.environ["ALLCONV_CACHE"] = str(shared_cache_dir)
+    yield
+    if before is None:
+        os.environ.pop("ALLCONV_CACHE", None)
+    else:
+        os.environ["ALLCONV_CACHE"] = before
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that launch the CLI through the run_train fixture are `subprocess` tests, marked or not."""
+    for item in items:
+        if "run_train" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("subprocess"):
+            item.add_marker(pytest.mark.subprocess)
+
+
+# Overrides for a tiny, quiet CPU run: width 0.125, one epoch, no bars, no figures, no config tree.
+TINY = ["model.width=0.125", "trainer.accelerator=cpu", "trainer.max_epochs=1", "data.batch_size=16",
+        "data.eval_batch_size=16", "callbacks.progress_bar=none", "trainer.enable_progress_bar=false",
+        "callbacks.guided_backprop.every_n_epochs=0", "print_config=false"]
+
+
 def run_cli(*args: str, cwd: Path, script: Path = TRAIN_PY, env: dict | None = None,
             timeout: float = 300) -> tuple[int, str, str]:
     """Run a script of src/ with the venv's python; returns (returncode, stdout, stderr)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env or {})}
-    full_env.setdefault("ALLCONV_CACHE", str(Path(cwd) / ".allconv-cache"))
     proc = subprocess.run([PYTHON, str(script), *map(str, args)], cwd=str(cwd), env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
@@ -165,3 +190,10 @@ def compose_cfg():
             return compose(config_name=config_name, overrides=list(overrides))
 
     return make
+
+
+def only_line(text: str) -> str:
+    """The one line of text (stderr under the one-line error contract); fails on none or several."""
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected exactly one line, got {len(lines)}:\n{text[-3000:]}"
+    return lines[0]

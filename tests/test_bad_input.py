@@ -1,15 +1,18 @@
-"""Bad input through the real CLI: non-zero exit, one last line naming the value and what is allowed,
-no traceback, nothing written."""
+"""Bad input through the real CLI: exit status 2 and exactly one line on stderr naming the value and what is
+allowed, nothing written. A run whose loss turns non-finite: exit status 1 and one line."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import last_line, write_npz
+from conftest import TINY, only_line, write_npz
+
+pytestmark = pytest.mark.subprocess
 
 
 def snapshot(root: Path) -> dict:
@@ -72,9 +75,8 @@ def check_rejected(run_train, tmp_path: Path, overrides: list[str], expect: list
     before = snapshot(tmp_path)
     rc, out, err = run_train(*overrides, f"hydra.run.dir={run_dir}", "trainer.max_epochs=1",
                              f"data.cache_dir={tmp_path / 'zca'}", cwd=tmp_path)
-    line = last_line(err)
-    assert rc != 0, (out, err)
-    assert "Traceback" not in err, err
+    assert rc == 2, (rc, out[-2000:], err[-3000:])
+    line = only_line(err)  # the whole of stderr: no warning, no traceback, no Hydra report
     assert line.startswith("error: "), err
     for s in expect:
         assert s in line, (s, line)
@@ -114,3 +116,19 @@ def test_read_only_data_root(run_train, tmp_path):
 def test_sweep_with_one_bad_value_fails_before_any_job(run_train, tmp_path):
     check_rejected(run_train, tmp_path, ["-m", "optim.lr=0.1,-1"], ["optim.lr", "-1", "positive"])
     assert not (tmp_path / "multirun").exists()
+
+
+def test_non_finite_loss_exits_1_with_one_line(run_train, tmp_path):
+    """lr 1e30 without the update cap: the weights overflow in the first steps and the loss turns NaN."""
+    data = write_npz(tmp_path / "data.npz", n_train=48, n_test=16)
+    run = tmp_path / "run"
+    rc, out, err = run_train(*TINY, "data=npz", f"data.path={data}", "data.preprocess=standardize", "optim.lr=1e30",
+                             "optim.max_update_norm=null", "trainer.max_epochs=2", "logger=none",
+                             f"hydra.run.dir={run}")
+    assert rc == 1, (rc, out[-2000:], err[-3000:])
+    line = only_line(err)
+    assert line.startswith("error: non-finite loss at epoch 0, step "), line
+    assert "test error" not in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == line[len("error: "):]
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # the diverged epoch was not saved
