@@ -293,10 +293,13 @@ def test_callback_logs_to_wandb_and_tensorboard(tmp_path):
     assert [c.args[0] for c in tb.experiment.add_image.call_args_list] == keys
 
 
-def test_callback_rejects_a_bad_layer_before_training(tmp_path):
-    from allconv.module import AllConvModule
-    from allconv.visualize_callback import GuidedBackpropGrid
+def test_callback_layer_is_checked_before_training(compose_cfg, tmp_path):
+    """The run's pre-flight check (experiment.check, on the meta device) rejects the callback's bad layer."""
+    from allconv import experiment
+    from allconv.errors import ConfigError
+    from conftest import write_npz
 
-    cb = GuidedBackpropGrid(run_dir=tmp_path, layer="nope")
-    with pytest.raises(VisualizeError, match="callbacks.guided_backprop: unknown layer 'nope'"):
-        cb.setup(None, AllConvModule(SMALL, num_classes=10), "fit")
+    npz = write_npz(tmp_path / "d.npz")
+    cfg = compose_cfg("data=npz", f"data.path={npz}", "callbacks.guided_backprop.layer=nope")
+    with pytest.raises(ConfigError, match="callbacks.guided_backprop: unknown layer 'nope'"):
+        experiment.check(cfg)

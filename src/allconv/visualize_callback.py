@@ -79,14 +79,6 @@ class GuidedBackpropGrid(L.Callback):
             self._log(trainer, picture, path, key=f"filters/{name}",
                       caption=f"{name} after epoch {self._last_epoch}")
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check layer and unit before the first epoch, not when the first grid is due."""
-        net = getattr(pl_module, "net", pl_module)
-        try:
-            visualize.validate(net, self.layer, self.unit)
-        except visualize.VisualizeError as e:
-            raise visualize.VisualizeError(f"callbacks.guided_backprop: {e}") from None
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_epoch = trainer.current_epoch + 1
         if self._last_epoch % self.every_n_epochs == 0:
