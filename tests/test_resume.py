@@ -1,10 +1,12 @@
-"""Resume: a CPU run killed with SIGKILL mid-epoch continues with `train.py resume=<run dir>` and ends
-with the same weights and metrics as an uninterrupted run with the same seed."""
+"""Resume: a CPU run killed with SIGKILL mid-epoch continues with `train.py resume=<run dir>`, trains only the
+epochs after its checkpoint, and ends with the same weights and metrics as an uninterrupted run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,21 +17,35 @@ import torch
 from allconv.resume import ResumeError, expand_argv
 from conftest import PYTHON, TRAIN_PY, run_cli, write_npz
 
+EPOCHS = 3
 
-def args(tmp_path, run):
-    data = write_npz(tmp_path / "data.npz", n_train=320, n_test=32)
-    return ["data=npz", f"data.path={data}", f"data.cache_dir={tmp_path / 'zca'}", "model.width=0.125",
-            "trainer.max_epochs=3", "data.batch_size=32", "data.val_size=32", "logger=none",
+
+def args(data, run):
+    return ["data=npz", f"data.path={data}", "data.preprocess=standardize", "model.width=0.125",
+            f"trainer.max_epochs={EPOCHS}", "data.batch_size=32", "data.val_size=32", "logger=csv",
             "callbacks.progress_bar=none", "trainer.enable_progress_bar=false", "print_config=false",
             "callbacks.guided_backprop.every_n_epochs=0", f"hydra.run.dir={run}"]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
+def csv_rows(run) -> list[dict]:
+    path = run / "csv" / "metrics.csv"
+    return list(csv.DictReader(open(path))) if path.is_file() else []
+
+
+def trained_epochs(rows) -> list[int]:
+    """The epochs a process trained: one row with the epoch's training loss per epoch."""
+    return sorted(int(r["epoch"]) for r in rows if r.get("train/loss"))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_npz(tmp / "data.npz", n_train=320, n_test=32)
+    full, killed = tmp / "full", tmp / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reference = subprocess.Popen([PYTHON, str(TRAIN_PY), *args(tmp_path, full)], cwd=tmp_path, env=env,
+    reference = subprocess.Popen([PYTHON, str(TRAIN_PY), *args(data, full)], cwd=tmp, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([PYTHON, str(TRAIN_PY), *args(tmp_path, killed)], cwd=tmp_path, env=env,
+    victim = subprocess.Popen([PYTHON, str(TRAIN_PY), *args(data, killed)], cwd=tmp, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
@@ -39,21 +55,40 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / "metrics.json").exists()
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] < 2
+    saved_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert saved_epoch < EPOCHS - 1
+    rows_before = csv_rows(killed)
 
-    rc, out, err = run_cli(f"resume={killed}", cwd=tmp_path)
+    rc, out, err = run_cli(f"resume={killed}", cwd=tmp)
     assert rc == 0, err[-3000:]
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    return {"full": full, "killed": killed, "saved_epoch": saved_epoch, "rows_before": rows_before}
 
+
+@pytest.mark.subprocess
+def test_resumed_run_matches_uninterrupted(killed_and_resumed):
+    full, killed = killed_and_resumed["full"], killed_and_resumed["killed"]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
-    assert a["epochs"] == b["epochs"] == 3
+    assert a["epochs"] == b["epochs"] == EPOCHS
     assert (a["test_error"], a["val_error"]) == (b["test_error"], b["val_error"])
-    wa, wb = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    wa, wb = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
               for d in (full, killed))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_argv_and_refusals(tmp_path):
+@pytest.mark.subprocess
+def test_resumed_process_trains_only_the_epochs_after_the_checkpoint(killed_and_resumed):
+    """A resume that ignored the checkpoint would retrain from epoch 0 (and, seeded per epoch, end the same)."""
+    r = killed_and_resumed
+    assert trained_epochs(csv_rows(r["full"])) == list(range(EPOCHS))
+    before = r["rows_before"]
+    # CSVLogger starts a new metrics.csv in the resumed process; rows the killed process flushed (if any) don't count
+    written_by_resume = [row for row in csv_rows(r["killed"]) if row not in before]
+    assert trained_epochs(written_by_resume) == list(range(r["saved_epoch"] + 1, EPOCHS))
+
+
+@pytest.mark.subprocess
+def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
     run = tmp_path / "run"
     with pytest.raises(ResumeError, match="no such directory"):
         expand_argv(["train.py", f"resume={run}"])
@@ -62,7 +97,7 @@ def test_resume_argv_and_refusals(tmp_path):
     with pytest.raises(ResumeError, match="no checkpoints/last.ckpt"):
         expand_argv(["train.py", f"resume={run}"])
     (run / "checkpoints").mkdir()
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    shutil.copy(killed_and_resumed["full"] / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
     argv = expand_argv(["train.py", f"resume={run}", "trainer.max_epochs=400"])
     assert argv == ["train.py", "model=model_a", "optim.lr=0.1", "trainer.max_epochs=400",
                     f"ckpt_path='{run / 'checkpoints' / 'last.ckpt'}'", f"hydra.run.dir='{run}'", "hydra.mode=RUN"]
