@@ -194,6 +194,7 @@ print(json.dumps([loaded, zca.P.sum().item()]))
 """
 
 
+@pytest.mark.subprocess
 def test_concurrent_fits_produce_one_valid_file(tmp_path):
     import json
     import subprocess
