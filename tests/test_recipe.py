@@ -35,7 +35,7 @@ def default_cfg():
 @pytest.fixture(scope="module")
 def default_module(default_cfg):
     L.seed_everything(0, verbose=False)
-    return experiment.build_module(default_cfg, experiment.build_net(default_cfg))
+    return experiment.build_module(default_cfg)
 
 
 def convs(net: nn.Module) -> list[nn.Conv2d]:
