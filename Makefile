@@ -42,7 +42,7 @@ test-slow: $(STAMP)  ## the slow checks too (the quick_cpu claim: ~15 min)
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check src tests benchmarks scripts
 
-bench: $(STAMP)  ## throughput of the 12 networks, Lightning path vs a plain loop -> docs/PERFORMANCE.md
+bench: $(STAMP)  ## throughput of the 12 networks, Lightning path vs a plain loop -> outputs/bench (ARGS="--out benchmarks/results" for the docs)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 LR_STUDY ?= multirun/lr_study_cpu/$(shell date +%Y-%m-%d_%H-%M-%S)

@@ -5,9 +5,11 @@
 
 Per network, in one process and on one set of device tensors:
   * Lightning path: the real AllConvModule + CIFARDataModule (its DeviceLoader) + L.Trainer, with
-    the logger, checkpoints, progress bar and model summary off and FiniteLossGuard on (as in a run);
+    the logger, checkpoints, progress bar and model summary off (the module's non-finite-loss
+    guard and update cap on, as in a run);
   * plain loop: the same architecture and init, the same tensors, batch size, precision and SGD
-    settings, in a bare `for` loop (device permutation, index slice, forward, backward, step).
+    settings, in a bare `for` loop (device permutation, index slice, forward, backward, the same
+    update cap -- the global gradient norm clipped to max_update_norm / lr --, step).
 They are interleaved epoch by epoch: a callback runs one plain epoch at the start of each Lightning
 epoch, so both see the same machine load. A Lightning epoch is timed from one epoch start to the
 next, less the plain epoch inside it, so every hook, the per-epoch logging, the scheduler step and
@@ -19,13 +21,13 @@ An "epoch" here is `steps` batches (0 = the whole training set); epoch time for 
 extrapolated from the measured rate when steps > 0. Achieved FLOP/s counts 6 x multiply-adds per
 training image (forward 2, backward 4). Peak: the card's datasheet dense figure for the precision
 used; on a CPU (no datasheet) the best of a few fp32 2048^3 matrix products measured here.
-Writes bench.json and bench.md into --out (default benchmarks/results/) and prints the table.
+Writes bench.json and bench.md into --out (default outputs/bench/, so a run leaves the tree clean;
+--out benchmarks/results refreshes the committed figures) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -47,7 +49,6 @@ import lightning as L  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from allconv import models  # noqa: E402
-from allconv.callbacks import FiniteLossGuard  # noqa: E402
 from allconv.data import CIFARDataModule  # noqa: E402
 from allconv.experiment import trainer_kwargs  # noqa: E402
 from allconv.module import AllConvModule  # noqa: E402
@@ -153,6 +154,8 @@ def make_plain_epoch(net, tensors, args, device, precision: str, n_batches: int)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(net(x), y)
             loss.backward()
+            if args.max_update_norm:  # the project's update cap: lr * |g| <= max_update_norm
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_update_norm / args.lr, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -162,11 +165,11 @@ def make_plain_epoch(net, tensors, args, device, precision: str, n_batches: int)
 def bench_one(family: str, variant: str, tensors, args, tkw: dict, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     net = models.build(family, variant, width=args.width)
-    plain_net = copy.deepcopy(net).to(device)  # same init; the module converts its own copy
+    macs, params = models.count_macs(net), models.count_params(net)
+    plain_net = net.to(device)
     if args.channels_last:
         plain_net = plain_net.to(memory_format=torch.channels_last)
     plain_fwd = torch.compile(plain_net) if args.compile else plain_net
-    macs = models.count_macs(net)
 
     n_train = len(tensors["x_train"])
     full = -(-n_train // args.batch_size)
@@ -177,9 +180,12 @@ def bench_one(family: str, variant: str, tensors, args, tkw: dict, device: torch
     # and the loader's .to(device) are no-ops.
     dm = CIFARDataModule(source="npz", batch_size=args.batch_size, seed=args.seed)
     dm.tensors = dict(tensors)
-    module = AllConvModule(net, num_classes=10, lr=args.lr, compile=args.compile, channels_last=args.channels_last)
+    torch.manual_seed(args.seed)  # the module builds the same network with the same init
+    module = AllConvModule(dict(family=family, variant=variant, width=args.width), num_classes=10, lr=args.lr,
+                           max_update_norm=args.max_update_norm or None, compile=args.compile,
+                           channels_last=args.channels_last)
     timer = Interleave(plain_epoch, device)
-    callbacks = [FiniteLossGuard(), timer]
+    callbacks = [timer]
     if args.progress_bar == "rich":
         callbacks.append(L.pytorch.callbacks.RichProgressBar())
     elif args.progress_bar == "tqdm":
@@ -198,7 +204,7 @@ def bench_one(family: str, variant: str, tensors, args, tkw: dict, device: torch
     l_ips, p_ips = images / statistics.median(lt), images / statistics.median(pt)
     return {
         "config": models.config_name(family, variant), "network": models.paper_name(family, variant),
-        "params": models.count_params(net), "macs_per_image": macs, "images_per_epoch": images,
+        "params": params, "macs_per_image": macs, "images_per_epoch": images,
         "batches_per_epoch": n_batches, "lightning_s": lt, "plain_s": pt, "lightning_cpu_s": lc, "plain_cpu_s": pc,
         "lightning_img_s": l_ips, "plain_img_s": p_ips,
         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
@@ -215,7 +221,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"{meta['device_name']}, width {meta['width']}, {meta['precision']}, batch {meta['batch_size']}, "
              f"{meta['batches_per_epoch']} batches/epoch, median of {meta['repeats']} interleaved epochs "
              f"after {meta['warmup']} warm-up; data: {meta['data']}; peak {meta['peak_tflops']:.3g} TFLOP/s "
-             f"({meta['peak_source']}); 1-min load average before/after: {meta['load_before']} / "
+             f"({meta['peak_source']}); update cap {meta.get('max_update_norm') or 'off'} in both paths; "
+             f"1-min load average before/after: {meta['load_before']} / "
              f"{meta['load_after']}", "",
              f"| network | params | MMAC/img | Lightning img/s | plain img/s | Lightning/plain, wall (min-max) "
              f"| Lightning/plain, CPU time | overhead ms/step | epoch s{est} | TFLOP/s | % peak |",
@@ -241,6 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs first (cuDNN autotune, compile)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--max-update-norm", type=float, default=0.125,
+                   help="the update cap of both paths (optim.max_update_norm); 0 = the paper's plain SGD")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", help="auto (bf16-mixed on CUDA, 32-true on CPU) | 32-true | ...")
     p.add_argument("--data", default="synthetic", help="'synthetic' or an arrays .npz (GCN+ZCA as in training)")
@@ -252,7 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench"),
+                   help="where bench.json/bench.md go; benchmarks/results holds the figures docs/PERFORMANCE.md cites")
     return p.parse_args(argv)
 
 
@@ -294,6 +304,7 @@ def main(argv=None) -> dict:
     meta = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else cpu,
         "torch": torch.__version__, "lightning": L.__version__, "width": args.width, "precision": tkw["precision"],
+        "max_update_norm": args.max_update_norm or None,
         "cudnn_benchmark": tkw["benchmark"], "channels_last": args.channels_last, "compile": args.compile,
         "batch_size": args.batch_size, "batches_per_epoch": rows[0]["batches_per_epoch"], "repeats": args.repeats,
         "warmup": args.warmup, "data": args.data if args.data == "synthetic" else f"{Path(args.data).name} "
