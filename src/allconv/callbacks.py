@@ -1,18 +1,29 @@
-"""Callbacks of a run: checkpoints written atomically, progress bars, the guided-backprop grid.
+"""Callbacks of a run: checkpoints written atomically, preemption, the cost estimate, progress bars, the grid.
 
 build_callbacks(cfg, run_dir) is the default list. The non-finite-loss guard is the module's own
-(module.AllConvModule._check_finite), which Lightning runs before ModelCheckpoint saves.
+(module.AllConvModule._check_finite), which Lightning runs before ModelCheckpoint saves. Every
+checkpoint goes through AtomicCheckpointIO: a disk that refuses it (full, read-only) ends the run
+with a WriteError naming the file, and the previous checkpoint stays whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from allconv.errors import NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
+from allconv.errors import Interrupted, NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
 from allconv.preprocessing import atomic_torch_save
 
 
@@ -20,9 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to a temporary file and rename, so a kill during a save leaves the previous checkpoint usable."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, Path(path))  # creates the folder; WriteError if the disk refuses
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -42,8 +51,189 @@ class LastCheckpoint(ModelCheckpoint):
         pass  # saved at the end of the training epoch, after the guard has checked the loss
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size if unit == "days" else seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
+
+
+class Preemption(L.Callback):
+    """SIGTERM or SIGINT: stop at the next step boundary, save last.ckpt, end with Interrupted.
+
+    Lightning 2.6 (its SignalConnector) turns SIGTERM into trainer.received_sigterm and raises
+    SIGTERMException at the next boundary: after a training step (optimizer step and
+    on_train_batch_end done), after a validation or test batch, or at the end of the epoch; under
+    DDP rank 0's flag is broadcast so that every rank stops at the same step. By itself it then
+    exits 0, with no checkpoint and no word. This callback builds on that: SIGINT is routed to the
+    same handler (instead of a KeyboardInterrupt in the middle of a step), on_exception saves
+    last.ckpt, and interrupted_as_error() turns the SIGTERMException into Interrupted, whose
+    message is the command that resumes the run. A second signal ends the process at once.
+    """
+
+    def __init__(self, run_dir: str | Path, dirpath: str | Path | None = None):
+        self.run_dir = Path(run_dir)
+        self.ckpt = Path(dirpath or self.run_dir / "checkpoints") / "last.ckpt"
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._rng: list | None = None
+
+    # -- the signals -----------------------------------------------------------------------
+    def _install(self) -> None:
+        lightning_handler = signal.getsignal(signal.SIGTERM)  # Lightning's, registered before any *_start hook
+        main = threading.current_thread() is threading.main_thread()
+        if self._previous or not callable(lightning_handler) or not main:
+            return
+
+        def handler(signum, frame):
+            if self.signum is not None:  # asked twice: stop now, as the signal's default does
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self.signum = signum
+            print(f"{signal.Signals(signum).name}: stopping at the end of this step to save a checkpoint "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            lightning_handler(signal.SIGTERM, frame)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, handler)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    # -- the random state of a checkpoint written mid-epoch ------------------------------------
+    def state_dict(self) -> dict:
+        """Every rank's RNG states, so a run resumed mid-epoch draws the dropout masks it would have drawn.
+
+        At epoch starts resume.EpochSeed reseeds; within an epoch only this saved state can. Called on
+        every rank while a checkpoint is made (rank 0 writes it), so under DDP the states are gathered.
+        """
+        import torch
+        import torch.distributed as dist
+
+        states = {"cpu": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            return {"rng": gathered}
+        return {"rng": [states]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._rng = state_dict.get("rng")
+
+    def on_train_start(self, trainer, pl_module):
+        import torch
+
+        self._install()
+        rng, self._rng = getattr(self, "_rng", None), None
+        if rng and trainer.fit_loop.restarted_mid_epoch:  # no on_train_epoch_start (no EpochSeed) follows
+            mine = rng[trainer.global_rank] if trainer.global_rank < len(rng) else rng[0]
+            torch.set_rng_state(mine["cpu"])
+            if mine["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda"])
+
+    def on_test_start(self, trainer, pl_module):
+        self._install()
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore()
+
+    def on_test_end(self, trainer, pl_module):
+        self._restore()
+
+    # -- the checkpoint and the message ----------------------------------------------------
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()
+        if not isinstance(exception, SIGTERMException):
+            return
+        signum = self.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        command = f"python {shlex.quote(sys.argv[0] or 'src/train.py')} resume={shlex.quote(str(self.run_dir))}"
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and not trainer.validating and not trainer.sanity_checking:
+            where = f"epoch {trainer.current_epoch}, step {trainer.fit_loop.epoch_loop.batch_idx + 1} of " \
+                    f"{trainer.num_training_batches}"
+            if not any(getattr(cb, "_last_global_step_saved", None) == trainer.global_step
+                       for cb in trainer.checkpoint_callbacks):  # else the epoch's checkpoint is this very state
+                trainer.save_checkpoint(self.ckpt)
+            message = f"{name} at {where}: saved {self.ckpt}; continue with: {command}"
+        elif fitting:  # inside validation: the last checkpoint is from the end of an earlier epoch
+            where = f"{name} during validation of epoch {trainer.current_epoch}"
+            message = f"{where}; continue from the last checkpoint with: {command}" if self.ckpt.is_file() else \
+                f"{where}, before the first checkpoint; start the run again"
+        else:
+            message = f"{name} during the test; training had finished ({self.ckpt}): {command} runs the test"
+        exception.interrupted = Interrupted(f"interrupted by {message}", signum)
+
+
+@contextlib.contextmanager
+def interrupted_as_error():
+    """Lightning's SIGTERMException (a SystemExit that exits 0) as Interrupted: status, exit 128+signum, a message."""
+    try:
+        yield
+    except SIGTERMException as e:
+        raise getattr(e, "interrupted", None) or Interrupted("interrupted by SIGTERM", signal.SIGTERM) from None
+
+
+class CostEstimate(L.Callback):
+    """One line, a few steps into training: epochs x measured time per epoch -> expected wall time.
+
+    Timed with the host clock at step boundaries only (no device sync). The first warmup_steps are
+    not timed (allocation, cuDNN autotuning, compilation); the line comes once min_steps more steps
+    and min_seconds have passed, or at the end of the first epoch if that is sooner. On the CPU, a
+    run expected to take more than cpu_hours says so and names the CPU recipe.
+    """
+
+    def __init__(self, warmup_steps: int = 1, min_steps: int = 2, min_seconds: float = 5.0, cpu_hours: float = 3.0):
+        self.warmup_steps, self.min_steps, self.min_seconds, self.cpu_hours = \
+            warmup_steps, min_steps, min_seconds, cpu_hours
+        self.line: str | None = None
+        self._start: float | None = None
+        self._steps = 0
+        self._t0: float | None = None
+        self._n0 = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._start, self._steps, self._t0, self.line = time.perf_counter(), 0, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.line is not None:
+            return
+        now = time.perf_counter()
+        self._steps += 1
+        if self._steps == self.warmup_steps:
+            self._t0, self._n0 = now, self._steps
+        elif self._t0 is not None and self._steps - self._n0 >= self.min_steps and now - self._t0 >= self.min_seconds:
+            self._report(trainer, (now - self._t0) / (self._steps - self._n0), now)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.line is None and self._steps:
+            now = time.perf_counter()
+            t0, n0 = (self._t0, self._n0) if self._t0 is not None and self._steps > self._n0 else (self._start, 0)
+            self._report(trainer, (now - t0) / (self._steps - n0), now)
+
+    def _report(self, trainer, per_step: float, now: float) -> None:
+        steps_per_epoch = trainer.num_training_batches
+        left = max(trainer.estimated_stepping_batches - trainer.global_step, 0)
+        total = (now - self._start) + left * per_step
+        epochs = trainer.max_epochs - trainer.current_epoch
+        device = trainer.strategy.root_device.type
+        self.line = (f"estimate: {epochs} epochs x {_duration(per_step * steps_per_epoch)} per epoch "
+                     f"({steps_per_epoch} steps x {_duration(per_step)}) -> {_duration(total)} of training on {device}")
+        if device == "cpu" and total > self.cpu_hours * 3600:
+            self.line += (f"; more than {self.cpu_hours:g} h on a CPU: experiment=quick_cpu (make train-jpeg) "
+                          f"trains All-CNN-C here in minutes")
+        if trainer.is_global_zero:
+            print(self.line, flush=True)
+
+
 def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
-    cbs: list[L.Callback] = []
+    cbs: list[L.Callback] = [Preemption(run_dir), CostEstimate()]
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
         cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,

@@ -194,12 +194,14 @@ def is_multirun() -> bool:
 def train_job(cfg: DictConfig) -> float | None:
     """One training job: the single place where its failures become a line, an exit status, a record."""
     from allconv import experiment, models
+    from allconv.callbacks import interrupted_as_error
 
     if cfg.print_config:
         print_config_tree(cfg)
     out = run_dir()
     try:
-        metrics = experiment.train(cfg, out)
+        with interrupted_as_error():  # Lightning's SIGTERMException (exit 0) -> Interrupted (exit 128+signum)
+            metrics = experiment.train(cfg, out)
     except Exception as e:
         known = isinstance(e, AllConvError)
         status = getattr(e, "status", "failed")

@@ -12,6 +12,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from allconv.faults import figure_bytes, write_atomic
+
 
 def read_epochs(metrics_csv: Path) -> dict[str, dict[int, float]]:
     """{metric: {epoch: value}} from a Lightning CSVLogger file (rows hold some metrics each)."""
@@ -66,12 +68,18 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = run_dir / "learning_curve.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:  # rendered in memory, written whole (a full disk is a WriteError naming the file)
+        return write_atomic(run_dir / "learning_curve.png", figure_bytes(fig, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":
-    for d in sys.argv[1:]:
-        print(plot_run(d))
+    from allconv.errors import AllConvError
+
+    try:
+        for d in sys.argv[1:]:
+            print(plot_run(d))
+    except AllConvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

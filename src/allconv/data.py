@@ -228,6 +228,15 @@ class DeviceLoader:
         self.augment, self.translate, self.seed = augment, translate, seed
         self.rank, self.world_size = rank, world_size
         self._epoch = epoch or (lambda: 0)
+        self._served, self._gen, self._resume = 0, None, None
+
+    def state_dict(self) -> dict:
+        """Where this epoch stands; Lightning keeps it in the checkpoint of a run stopped mid-epoch."""
+        return {"epoch": self._epoch(), "served": self._served,
+                "generator": self._gen.get_state() if self._gen is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state  # applied by the next __iter__ of that epoch: the rest of it, same draws
 
     def _indices(self) -> torch.Tensor:
         n = len(self.x)
@@ -246,14 +255,20 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
+        resume, self._resume = self._resume, None
+        start = resume["served"] if resume and resume["epoch"] == self._epoch() else 0
         gen = None
         if self.augment:
             gen = torch.Generator(device=self.x.device).manual_seed(self.seed * 7919 + self._epoch() * 31 + self.rank)
-        for b in range(len(self)):
+            if start:
+                gen.set_state(resume["generator"])
+        self._gen, self._served = gen, start
+        for b in range(start, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.x[sel]
             if self.augment:
                 x = translate_and_flip(x, self.translate, gen)
+            self._served = b + 1
             yield x, self.y[sel]
 
 

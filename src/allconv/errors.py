@@ -42,3 +42,26 @@ class NonFiniteLossError(AllConvError, RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
 
     exit_code = 1
+
+
+class WriteError(AllConvError, OSError):
+    """A file could not be written (disk full, no permission, read-only); names the file and the reason.
+
+    An OSError too (errno is the system's), so code that already tolerates a failed write keeps doing so.
+    """
+
+    exit_code = 1
+
+
+class Interrupted(AllConvError):
+    """SIGTERM or SIGINT stopped the run at a step boundary; the message says how to resume it.
+
+    status is what a sweep records for the job; exit_code is 128 + the signal number, as shells report it.
+    """
+
+    status = "interrupted"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from allconv import models
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError
+from allconv.faults import CSVLogger, write_atomic
 from allconv.module import AllConvModule
 
 
@@ -133,7 +133,7 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if kind == "none":
         return False
     if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(str(run_dir), name="csv", version="")
+        return CSVLogger(str(run_dir), name="csv", version="")  # Lightning's, its files written whole
     if kind == "wandb":
         from allconv.wandb_logger import build_wandb_logger  # imported only here: wandb is heavy
 
@@ -146,9 +146,8 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    """Written whole or not at all; a refused write is a WriteError naming the file (faults.write_atomic)."""
+    write_atomic(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -164,7 +163,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed)]  # a resumed run repeats the same draws
     trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = time.perf_counter() - start
     ranks = None
     if trainer.world_size > 1:  # record that the ranks agree (weights, one ZCA fit)

@@ -100,10 +100,38 @@ class AllConvModule(L.LightningModule):
         self._grad_norm_sum, self._clipped, self._steps = torch.zeros((), device=self.device), \
             torch.zeros((), device=self.device), 0
         self.step_in_epoch.zero_()
+        self._log_lr()
+
+    def _log_lr(self) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("lr", lr, on_step=False, on_epoch=True)
         if self.max_update_norm is not None:  # the lr changes only between epochs: one threshold per epoch
             self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The epoch's running sums, for a checkpoint written mid-epoch (callbacks.Preemption)."""
+        elapsed = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        checkpoint["epoch_sums"] = {"loss_sum": self._loss_sum, "seen": self._seen, "steps": self._steps,
+                                    "grad_norm_sum": self._grad_norm_sum, "clipped": self._clipped,
+                                    "step_in_epoch": self.step_in_epoch.clone(), "elapsed_s": elapsed,
+                                    "train_acc": dict(self.train_acc.metric_state)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_sums = checkpoint.get("epoch_sums")
+
+    def on_train_start(self):
+        """Resumed mid-epoch, Lightning does not call on_train_epoch_start: the epoch's sums come back here."""
+        sums, self._resumed_sums = getattr(self, "_resumed_sums", None), None
+        if sums is None or not self.trainer.fit_loop.restarted_mid_epoch:
+            return
+        dev = self.device
+        self._epoch_start = time.perf_counter() - sums["elapsed_s"]
+        self._loss_sum, self._seen, self._steps = sums["loss_sum"].to(dev), sums["seen"], sums["steps"]
+        self._grad_norm_sum, self._clipped = sums["grad_norm_sum"].to(dev), sums["clipped"].to(dev)
+        self.step_in_epoch.copy_(sums["step_in_epoch"])
+        self.train_acc.reset()
+        self.train_acc.merge_state({k: v.to(dev) for k, v in sums["train_acc"].items()})
+        self._log_lr()
 
     def _check_finite(self) -> None:
         step = int(self.first_bad_step.item())  # the one host sync of the guard, once per epoch

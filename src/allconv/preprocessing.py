@@ -4,7 +4,9 @@ Exactly as pylearn2's make_cifar10_gcn_whitened.py (GlobalContrastNormalization(
 ZCA(filter_bias=0.1)), on plain tensors/arrays, no Lightning. The ZCA fit (a 3072x3072
 eigendecomposition over the training set) is cached on disk keyed by the data and the parameters,
 so a second run and every DDP rank load it instead of refitting. Cache writes are atomic and
-serialised by a file lock, so concurrent jobs sharing a cache never see a half-written file.
+serialised by a file lock, so concurrent jobs sharing a cache never see a half-written file. A cache
+that cannot be written (full disk, read-only or foreign folder) is not fatal: the fit is used from
+memory and one line on stderr says so.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from allconv.errors import WriteError
+from allconv.faults import torch_bytes, write_atomic
 
 CACHE_VERSION = 1
 
@@ -101,8 +105,14 @@ def fingerprint(*arrays: np.ndarray, **params) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as f:
+    """An exclusive lock next to path; without one when the folder cannot hold the lock file (read-only)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_suffix(".lock"), "a+")
+    except OSError:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -111,22 +121,8 @@ def _locked(path: Path):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """torch.save as a whole file (faults.write_atomic): readers see old or new, never half; WriteError if refused."""
+    write_atomic(path, torch_bytes(obj))
 
 
 def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
@@ -144,7 +140,10 @@ def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
             except Exception:  # unreadable cache: refit and replace it
                 pass
         zca = ZCA(filter_bias).fit(x_gcn)
-        atomic_torch_save(zca.state_dict(), path)
+        try:
+            atomic_torch_save(zca.state_dict(), path)
+        except WriteError as e:  # a cache is an optimisation: train on, refit next time
+            print(f"warning: {e}; the whitening fit is used from memory", file=sys.stderr)
         return zca, False
 
 
