@@ -360,10 +360,13 @@ def topk_figure(model: nn.Module, images: torch.Tensor, raw: torch.Tensor, layer
 
 
 def save_png(picture: torch.Tensor, path: str | Path) -> Path:
-    """Write a (3, H, W) picture in [0, 1] as PNG, creating the folder."""
+    """Write a (3, H, W) picture in [0, 1] as PNG, creating the folder; whole or not at all (WriteError)."""
+    import io
+
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(picture, str(path))
-    return path
+    from allconv.faults import write_atomic
+
+    buf = io.BytesIO()
+    save_image(picture, buf, format="png")
+    return write_atomic(path, buf.getvalue())
