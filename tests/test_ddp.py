@@ -1,30 +1,58 @@
-"""trainer=ddp on CPU: 2 processes (gloo) through train.py; the ranks end with identical weights, the ZCA
-is fitted by one rank and loaded from the cache by the other, and each rank trains on half the data."""
+"""trainer=ddp on CPU: 2 processes (gloo) through train.py, alone and as each job of a 2-job `-m` multirun. The
+ranks end with identical weights, the ZCA is fitted by one rank and loaded from the cache by the other, and each
+rank trains on half the data; in a multirun every job relaunches its own ranks into its own folder."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from conftest import run_cli, write_npz
+from conftest import TINY, run_cli, write_npz
+
+pytestmark = pytest.mark.subprocess
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=32", "logger=none"]
+
+
+def check_ranks(metrics: dict) -> list[dict]:
+    assert metrics["status"] == "ok" and metrics["ddp"]["world_size"] == 2
+    ranks = metrics["ddp"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and metrics["ddp"]["weights_identical"]
+    return ranks
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
     data = write_npz(tmp_path / "data.npz", n_train=128, n_test=32)
     run, cache = tmp_path / "run", tmp_path / "zca"
-    rc, out, err = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data=npz",
-                           f"data.path={data}", f"data.cache_dir={cache}", "model.width=0.125", "trainer.max_epochs=1",
-                           "data.batch_size=32", "logger=none", "callbacks.progress_bar=none",
-                           "trainer.enable_progress_bar=false", "print_config=false",
-                           "callbacks.guided_backprop.every_n_epochs=0", f"hydra.run.dir={run}", cwd=tmp_path)
+    rc, out, err = run_cli(*TINY, *DDP, "data=npz", f"data.path={data}", f"data.cache_dir={cache}",
+                           f"hydra.run.dir={run}", cwd=tmp_path)
     assert rc == 0, err[-3000:]
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "ok" and m["ddp"]["world_size"] == 2
-    ranks = m["ddp"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["weights"] == ranks[1]["weights"] and m["ddp"]["weights_identical"]
+    ranks = check_ranks(json.loads((run / "metrics.json").read_text()))
     assert sorted(r["zca_loaded_from_cache"] for r in ranks) == [False, True]  # fitted once, loaded once
     assert len(list(cache.glob("zca-*.pt"))) == 1
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 128 // 2 // 32  # each rank stepped through its half of the data
+
+
+def test_ddp_inside_a_two_job_multirun(tmp_path):
+    """Each job starts its own rank 1 (not the whole sweep again) and writes its own metrics.json."""
+    data = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)
+    sweep = tmp_path / "sweep"
+    rc, out, err = run_cli("-m", *TINY, *DDP, "data=npz", f"data.path={data}", "data.preprocess=standardize",
+                           "seed=1,2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}",
+                           cwd=tmp_path)
+    assert rc == 0, err[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["job0", "job1"]  # no folder of a relaunched sweep, no third job
+    weights = []
+    for job, seed in (("job0", 1), ("job1", 2)):
+        m = json.loads((sweep / job / "metrics.json").read_text())
+        assert m["seed"] == seed
+        ranks = check_ranks(m)
+        weights.append(ranks[0]["weights"])
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert ckpt["global_step"] == 64 // 2 // 32
+    assert weights[0] != weights[1]  # two jobs, two seeds: two trainings, not one run twice
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
