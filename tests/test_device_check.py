@@ -12,6 +12,7 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import PYTHON, REPO, random_images
@@ -34,6 +35,7 @@ def write_jpeg_npz(path, n_train=96, n_test=40, seed=0):
     return path
 
 
+@pytest.mark.subprocess
 def test_dry_run_prints_table_and_writes_results(tmp_path):
     jpeg = write_jpeg_npz(tmp_path / "cifar10-jpeg.npz")
     spy = tmp_path / "spy" / "wandb"
