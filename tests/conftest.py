@@ -166,6 +166,33 @@ def run_cli(*args: str, cwd: Path, script: Path = TRAIN_PY, env: dict | None = N
 
 
 @pytest.fixture
+def run_entry(tmp_path, monkeypatch, capsys):
+    """run_entry(*args, script=TRAIN_PY, cwd=tmp_path) -> (exit status, stdout, stderr) of src/<script> run
+    in this process, as `python src/<script> args` runs it (argv, cwd, __main__), ~0.1 s instead of a process
+    start. For what fails before training (bad input): a real process is still needed for what happens after."""
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    def run(*args: str, script: Path = TRAIN_PY, cwd: Path | None = None):
+        monkeypatch.chdir(cwd or tmp_path)
+        monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
+        monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the entry points set it; restored after the test
+        capsys.readouterr()
+        code = 0
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
 def run_train(tmp_path):
     """run_train(*overrides, cwd=tmp_path) -> (returncode, stdout, stderr) of `python src/train.py ...`."""
 
