@@ -1,5 +1,6 @@
 """src/eval.py end to end: it re-tests a trained run's checkpoint and gets the run's own test error; a
-missing, unsafe or mismatched checkpoint ends with one line on stderr, exit status 2 and nothing written."""
+missing, unsafe or mismatched checkpoint ends with one line on stderr, exit status 2, no eval.json and every
+file as it was (refusals run the entry point in this process, see conftest.run_entry)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from conftest import REPO, TINY, only_line, run_cli, write_npz
 
 EVAL_PY = REPO / "src" / "eval.py"
-pytestmark = pytest.mark.subprocess
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,13 @@ def trained(tmp_path_factory):
     return run
 
 
-def run_eval(tmp_path, *args):
-    return run_cli(*args, f"hydra.run.dir={tmp_path / 'eval'}", "trainer.enable_progress_bar=false",
-                   cwd=tmp_path, script=EVAL_PY)
+def eval_args(tmp_path, ckpt):
+    return [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.subprocess
 def test_eval_reproduces_the_runs_test_error(trained, tmp_path):
-    rc, out, err = run_eval(tmp_path, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}")
+    rc, out, err = run_cli(*eval_args(tmp_path, trained / "checkpoints" / "last.ckpt"), cwd=tmp_path, script=EVAL_PY)
     assert rc == 0, err[-3000:]
     metrics = json.loads((trained / "metrics.json").read_text())
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -41,9 +41,9 @@ def test_eval_reproduces_the_runs_test_error(trained, tmp_path):
     assert f"test error {metrics['test_error']:.4f}" in out
 
 
-def rejected(tmp_path, ckpt) -> str:
+def rejected(run_entry, tmp_path, ckpt) -> str:
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    rc, out, err = run_eval(tmp_path, f"ckpt_path={ckpt}")
+    rc, out, err = run_entry(*eval_args(tmp_path, ckpt), script=EVAL_PY)
     assert rc == 2, (rc, out[-2000:], err[-3000:])
     line = only_line(err)
     assert line.startswith("error: ") and str(ckpt) in line, line
@@ -52,8 +52,8 @@ def rejected(tmp_path, ckpt) -> str:
     return line
 
 
-def test_missing_checkpoint(tmp_path):
-    line = rejected(tmp_path, tmp_path / "no_such_run" / "last.ckpt")
+def test_missing_checkpoint(run_entry, tmp_path):
+    line = rejected(run_entry, tmp_path, tmp_path / "no_such_run" / "last.ckpt")
     assert "does not exist" in line
 
 
@@ -64,13 +64,13 @@ def _retarget(hp, family):
     return hp
 
 
-def test_checkpoint_of_another_model(trained, tmp_path):
+def test_checkpoint_of_another_model(run_entry, trained, tmp_path):
     """All-CNN-C's weights under a checkpoint that says it is an All-CNN-A: the weights don't fit."""
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"] = _retarget(ckpt["hyper_parameters"], "a")
     forged = tmp_path / "forged.ckpt"
     torch.save(ckpt, forged)
-    line = rejected(tmp_path, forged)
+    line = rejected(run_entry, tmp_path, forged)
     assert "match" in line
 
 
@@ -82,10 +82,10 @@ class _Planted:
         return os.mkdir, (self.marker,)
 
 
-def test_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+def test_checkpoint_that_would_run_code_is_refused_unrun(run_entry, tmp_path):
     marker = tmp_path.parent / f"{tmp_path.name}-code-ran"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Planted(str(marker))}, evil)
-    line = rejected(tmp_path, evil)
+    line = rejected(run_entry, tmp_path, evil)
     assert not marker.exists()  # the pickle's os.mkdir was never called
     assert "refused" in line or "not an allconv checkpoint" in line, line
