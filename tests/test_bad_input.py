@@ -6,8 +6,10 @@ process too, where the exit status and stderr are the interpreter's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -105,23 +107,31 @@ def test_bad_input_in_a_real_process(run_train, tmp_path, case_id, make, expect)
     check_rejected(run_train, work, make(work), expect)
 
 
-def test_read_only_data_root(run_entry, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """A folder this user cannot write: mode 0555, or for root (who ignores modes) a read-only tmpfs mounted there."""
+    path.mkdir()
+    path.chmod(0o555)
+    mounted = False
     try:
-        probe = ro / "probe"
-        try:
-            probe.mkdir()
-        except PermissionError:
-            pass
-        else:
-            probe.rmdir()
-            pytest.skip("this user (root?) can write a read-only folder; the <file>/sub case covers unwritable roots")
+        if not os.access(path, os.W_OK):
+            yield path
+            return
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"{path} stays writable for this user and mount is not permitted here")
+        mounted = True
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+        path.chmod(0o755)
+
+
+def test_read_only_data_root(run_entry, tmp_path):
+    with read_only_folder(tmp_path / "ro") as ro:
         check_rejected(run_entry, tmp_path, ["data=cifar10", f"data.root={ro / 'cifar'}", "data.download=true"],
                        ["ro/cifar", "cannot be written"])
-    finally:
-        ro.chmod(0o755)
 
 
 def test_sweep_with_one_bad_value_fails_before_any_job(run_entry, tmp_path):
