@@ -18,6 +18,8 @@ ARRAYS = REPO / "data" / "cifar10-jpeg-arrays.npz"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the suite's 300 s per test is for the fast checks
+@pytest.mark.subprocess
 def test_quick_cpu_reaches_55_percent(tmp_path):
     arrays = ARRAYS
     if not arrays.exists():
