@@ -110,25 +110,27 @@ class _AtomicExperimentWriter(ExperimentWriter):
         super().__init__(log_dir=log_dir)
         self._earlier: list[dict] | None = _read_rows(self.metrics_file_path)
         self._rows: list[dict] = []
+        self._unsaved = False  # rows whose write was refused: the next save() writes them
 
     def _check_log_dir_exists(self) -> None:
         pass  # Lightning's removes metrics.csv; a resumed run keeps it
 
     def save(self) -> None:
-        if not self.metrics:
+        if not self.metrics and not self._unsaved:
             return
         if self._earlier is not None:  # rows of the earlier part past the checkpoint are logged again
             first = min(float(m.get("step", 0)) for m in self.metrics)
             self._rows = [r for r in self._earlier if float(r.get("step", -1)) < first]
             self._earlier = None
         self._rows += self.metrics
-        self.metrics = []  # kept in _rows: a failed write is retried whole at the next save
+        self.metrics, self._unsaved = [], True
         keys = self.metrics_keys = sorted(set().union(*self._rows))
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(self._rows)
         write_atomic(self.metrics_file_path, buf.getvalue().encode())
+        self._unsaved = False
 
     def log_hparams(self, params: dict) -> None:
         from omegaconf import OmegaConf
