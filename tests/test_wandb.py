@@ -1,16 +1,23 @@
 """logger=wandb for real, offline: a 2-job multirun gives two W&B runs whose run files hold the resolved
-config, the metrics (lr, epoch time, errors), the guided-backprop grid and the final summary; and the
-W&B sweep spec turns into a command line that train.py accepts."""
+config, the metrics (lr, epoch time, errors), the guided-backprop grid, the filters, the learning curve
+and the final summary. The W&B sweep: wandb's own agent code builds the command of each of the 48 grid
+cells, each composes and checks, and one trains end to end with W&B offline."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import struct
+import subprocess
 from pathlib import Path
+from unittest import mock
 
+import pytest
 import yaml
 
-from allconv import cli, report
+from allconv import report
 from conftest import CONF, run_cli, write_npz
 
 BLOCK = 32768  # the .wandb file: a leveldb-style log of protobuf Records in 32 KiB blocks
@@ -42,8 +49,9 @@ def logged(run_dir: Path) -> dict:
     out = {"config": set(), "history": [], "summary": {}}
     for r in read_records(next(run_dir.glob("run-*.wandb"))):
         kind = r.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "run":  # wandb.init's config comes with the run record; later updates as config records
             out["name"], out["group"], out["id"] = r.run.display_name, r.run.run_group, r.run.run_id
+            out["config"] |= {i.key for i in r.run.config.update}
         elif kind == "config":
             out["config"] |= {i.key for i in r.config.update}
         elif kind == "history":
@@ -53,6 +61,7 @@ def logged(run_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.subprocess
 def test_offline_wandb_run_per_multirun_job(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -84,17 +93,92 @@ def test_offline_wandb_run_per_multirun_job(tmp_path, monkeypatch):
         assert {"train/loss", "val/error", "test/error"} <= set(rows)
         assert rows["test/error"] == metrics["test_error"]
         assert rows["guided_backprop/_type"] == "images/separated"  # the guided-backprop grid, as an image
+        for key in ("filters/block1.conv1", "filters/block1.conv2", "learning_curve"):  # and the other figures
+            assert rows[f"{key}/_type"] == "images/separated", sorted(rows)
+        assert (job / "csv" / "metrics.csv").is_file() and (job / "learning_curve.png").is_file()
         assert got["summary"]["final/test_error"] == metrics["test_error"] and got["summary"]["final/seed"] == seed
     assert len(ids) == 2
 
 
-def test_wandb_sweep_spec_is_the_paper_grid_and_its_command_composes():
+# -- W&B sweep agents ---------------------------------------------------------------------------------
+def grid_cells(spec: dict) -> list[dict]:
+    """The runs of a grid sweep: every combination of the `values` parameters, with the `value` ones."""
+    params = spec["parameters"]
+    axes = [[(k, v) for v in p["values"]] if "values" in p else [(k, p["value"])] for k, p in params.items()]
+    return [dict(cell) for cell in itertools.product(*axes)]
+
+
+def agent_command(spec: dict, cell: dict, monkeypatch, tmp_path: Path, program: str | None = None):
+    """(argv, env) that `wandb agent` starts for one run: wandb's own Agent._command_run, the process mocked."""
+    from wandb import wandb_agent
+
+    started = []
+
+    class Started:
+        def __init__(self, command=None, env=None, **_):
+            started.append((command, env))
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Started)
+    for var in ("WANDB_DIR", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_SWEEP_ID"):
+        monkeypatch.setenv(var, str(tmp_path) if var == "WANDB_DIR" else "")  # restored after the test
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep0")
+    agent = wandb_agent.Agent(api=mock.MagicMock(), queue=mock.MagicMock(), sweep_id="sweep0")
+    agent._sweep_command = list(spec["command"])  # what the agent reads from the sweep's config
+    agent._command_run({"type": "run", "run_id": f"run{len(started)}", "program": program or spec["program"],
+                        "args": {k: {"value": v} for k, v in cell.items()}})
+    return started[-1]
+
+
+def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from allconv import experiment
+
     spec = yaml.safe_load((CONF / "sweep" / "paper_grid.yaml").read_text())
     assert spec["method"] == "grid" and spec["program"] == "src/train.py"
-    assert spec["command"][:4] == ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]
-    params = spec["parameters"]
-    assert params["model"]["values"] == list(report.REFERENCE)
-    assert params["optim.lr"]["values"] == [0.25, 0.1, 0.05, 0.01]
-    # What `wandb agent` runs for one grid cell (${args_no_hyphens} -> key=value pairs).
-    args = [f"{k}={v['values'][0] if 'values' in v else v['value']}" for k, v in params.items()]
-    cli.preflight("train", ["train.py", *args, *spec["command"][4:]])  # exits 2 if anything does not compose
+    cells = grid_cells(spec)
+    assert len(cells) == 48
+    assert {c["model"] for c in cells} == set(report.REFERENCE) and {c["optim.lr"] for c in cells} == {0.25, 0.1, 0.05,
+                                                                                                       0.01}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for cell in cells:
+            argv, env = agent_command(spec, cell, monkeypatch, tmp_path)
+            assert argv[:3] == ["/usr/bin/env", "python", "src/train.py"]  # `python` from PATH: activate the venv
+            assert f"model={cell['model']}" in argv and f"optim.lr={cell['optim.lr']}" in argv
+            cfg = compose(config_name="train", overrides=argv[3:], return_hydra_config=True)
+            assert cfg.hydra.runtime.choices.model == cell["model"] and cfg.optim.lr == cell["optim.lr"]
+            assert cfg.logger.kind == "wandb" and cfg.callbacks.progress_bar == "none"
+            HydraConfig.instance().set_config(cfg)  # what hydra.main does: the run folder's name resolves
+            folder = rf"multirun/wandb-sweep/[\d_-]+_{cell['model']}_lr{cell['optim.lr']}"
+            assert re.fullmatch(folder, cfg.hydra.run.dir), cfg.hydra.run.dir
+            HydraConfig.instance().cfg = None
+            del cfg.hydra
+            experiment.check_config(cfg)  # the values of every run are valid, not only composable
+            assert env["WANDB_SWEEP_ID"] == "sweep0" and env["WANDB_RUN_ID"].startswith("run")
+
+
+@pytest.mark.subprocess
+def test_an_agent_command_trains_with_wandb_offline(monkeypatch, tmp_path):
+    from conftest import PYTHON, TRAIN_PY
+
+    spec = yaml.safe_load((CONF / "sweep" / "paper_grid.yaml").read_text())
+    cell = next(c for c in grid_cells(spec) if c["model"] == "all_cnn_c" and c["optim.lr"] == 0.05)
+    # The program's absolute path lets the run folder (relative, multirun/wandb-sweep/) land in tmp_path.
+    argv, env = agent_command(spec, cell, monkeypatch, tmp_path, program=str(TRAIN_PY))
+    data = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)
+    tiny = ["data=npz", f"data.path={data}", "data.preprocess=standardize", "model.width=0.125",
+            "trainer.max_epochs=1", "data.batch_size=32", "trainer.enable_progress_bar=false", "print_config=false",
+            "callbacks.checkpoint.every_n_epochs=0"]
+    env = {**env, "WANDB_MODE": "offline", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wbc"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wbcache"), "WANDB_DATA_DIR": str(tmp_path / "wbdata"),
+           "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}  # the activated environment
+    proc = subprocess.run([*argv, *tiny], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "multirun" / "wandb-sweep").glob("*_all_cnn_c_lr0.05")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["model"] == "all_cnn_c" and metrics["lr"] == 0.05
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    got = logged(offline)
+    assert got["id"] == env["WANDB_RUN_ID"]  # the run the sweep controller handed to the agent
+    assert got["summary"]["final/test_error"] == metrics["test_error"]

@@ -3,9 +3,10 @@
 build_wandb_logger(cfg, run_dir) is called by experiment.build_logger for logger=wandb. Each run,
 and so each Hydra multirun job, is its own W&B run: a run left open in this process by an earlier
 job (one that failed before it finished) is closed first, and experiment.train closes each run
-with the final metrics as its summary. Name and group come from model, lr and seed, so the W&B UI
-groups a (model, lr) cell's seeds. Under a `wandb agent` the sweep's own run is picked up by
-wandb.init from the agent's environment.
+with the final metrics as its summary and the learning curve as an image (the guided-backprop
+grids and the filters come from visualize_callback.GuidedBackpropGrid). Name and group come from
+model, lr and seed, so the W&B UI groups a (model, lr) cell's seeds. Under a `wandb agent` the
+sweep's own run is picked up by wandb.init from the agent's environment.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -48,15 +49,44 @@ def resolve_mode(requested: str) -> str:
 
 
 class RunLogger(WandbLogger):
-    """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train)."""
+    """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train).
 
-    def __init__(self, **kwargs):
+    With run_dir it also writes <run_dir>/csv/metrics.csv, as logger=csv does: the learning curve
+    (curves.plot_run) is drawn from that file, for W&B runs too.
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, **kwargs):
         super().__init__(**kwargs)
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._csv = CSVLogger(str(run_dir), name="csv", version="") if run_dir is not None else None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        super().log_metrics(metrics, step)
+        if self._csv is not None:
+            self._csv.log_metrics(metrics, step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        super().log_hyperparams(params, *args, **kwargs)
+        if self._csv is not None:
+            self._csv.log_hyperparams(params)
+
+    def save(self) -> None:
+        super().save()
+        if self._csv is not None:
+            self._csv.save()
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._csv is not None:
+            self._csv.finalize(status)
 
     def finish_run(self, metrics: dict) -> None:
         if self._experiment is None:
             return
+        curve = self.run_dir / "learning_curve.png" if self.run_dir else None
+        if curve is not None and curve.is_file():  # drawn by experiment.train just before
+            self.log_image(key="learning_curve", images=[str(curve)], caption=[str(metrics.get("model", ""))])
         self._experiment.summary.update({f"final/{k}": v for k, v in metrics.items()
                                          if isinstance(v, (int, float, str, bool))})
         self._experiment.finish()
@@ -80,6 +110,7 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
     save_dir = Path(lg.save_dir) if lg.get("save_dir") else run_dir
     save_dir.mkdir(parents=True, exist_ok=True)
     return RunLogger(
+        run_dir=run_dir,
         name=run_name(cfg),
         group=lg.get("group") or f"{model}_lr{cfg.optim.lr}",
         project=lg.project,
