@@ -28,8 +28,12 @@ def args(data, run):
 
 
 def csv_rows(run) -> list[dict]:
+    """The rows of a run's metrics.csv, each without its empty cells (the columns change as metrics appear)."""
     path = run / "csv" / "metrics.csv"
-    return list(csv.DictReader(open(path))) if path.is_file() else []
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def trained_epochs(rows) -> list[int]:
@@ -82,7 +86,8 @@ def test_resumed_process_trains_only_the_epochs_after_the_checkpoint(killed_and_
     r = killed_and_resumed
     assert trained_epochs(csv_rows(r["full"])) == list(range(EPOCHS))
     before = r["rows_before"]
-    # CSVLogger starts a new metrics.csv in the resumed process; rows the killed process flushed (if any) don't count
+    # Rows the killed process wrote (kept when the resumed run continues its metrics.csv) are not the resumed
+    # process's: a retrained epoch would be a new row (its own epoch_time_s), not one of these.
     written_by_resume = [row for row in csv_rows(r["killed"]) if row not in before]
     assert trained_epochs(written_by_resume) == list(range(r["saved_epoch"] + 1, EPOCHS))
 
