@@ -24,7 +24,8 @@ from allconv.errors import AllConvError, ConfigError
 
 # Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
 for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
-                 ".*does not have many workers.*", ".*exists and is not empty.*"):
+                 ".*does not have many workers.*", ".*exists and is not empty.*",
+                 ".*is not supported by the model summary.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
 

@@ -74,12 +74,12 @@ def check(cfg: DictConfig) -> None:
 
 
 def check_eval(cfg: DictConfig) -> None:
-    """src/eval.py's check: the checkpoint loads safely and is an allconv checkpoint."""
+    """src/eval.py's check: the checkpoint loads safely and its weights fit the network it names."""
     from allconv import checkpoint
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
-    checkpoint.read(cfg.ckpt_path)
+    checkpoint.load(cfg.ckpt_path)
 
 
 def net_kwargs(cfg: DictConfig) -> dict:

@@ -104,9 +104,9 @@ class AllConvModule(L.LightningModule):
 
     def _log_lr(self) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("lr", lr, on_step=False, on_epoch=True)
+        self.log("lr", lr, on_step=False, on_epoch=True, sync_dist=True)
         if self.max_update_norm is not None:  # the lr changes only between epochs: one threshold per epoch
-            self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True)
+            self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The epoch's running sums, for a checkpoint written mid-epoch (callbacks.Preemption)."""
@@ -151,14 +151,15 @@ class AllConvModule(L.LightningModule):
         self._check_finite()
         if self._seen:
             self.log("train/loss", self._loss_sum / self._seen, prog_bar=True, sync_dist=True)
-            self.log("train/acc", self.train_acc.compute())
+            self.log("train/acc", self.train_acc.compute(), sync_dist=True)
         if self._steps:
-            self.log("train/grad_norm", self._grad_norm_sum / self._steps)
+            self.log("train/grad_norm", self._grad_norm_sum / self._steps, sync_dist=True)
             if self.max_update_norm is not None:
-                self.log("optim/clipped_frac", self._clipped / self._steps)
+                self.log("optim/clipped_frac", self._clipped / self._steps, sync_dist=True)
         self.train_acc.reset()
         if self._epoch_start is not None:
-            self.log("epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True)
+            self.log("epoch_time_s", time.perf_counter() - self._epoch_start, on_step=False, on_epoch=True,
+                     sync_dist=True)
 
     def _eval_step(self, batch, metric, prefix):
         x, y = batch
@@ -170,14 +171,14 @@ class AllConvModule(L.LightningModule):
         self._eval_step(batch, self.val_acc, "val")
 
     def on_validation_epoch_end(self):
-        self.log("val/error", 1.0 - self.val_acc.compute(), prog_bar=True)
+        self.log("val/error", 1.0 - self.val_acc.compute(), prog_bar=True, sync_dist=True)
         self.val_acc.reset()
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, self.test_acc, "test")
 
     def on_test_epoch_end(self):
-        self.log("test/error", 1.0 - self.test_acc.compute())
+        self.log("test/error", 1.0 - self.test_acc.compute(), sync_dist=True)
         self.test_acc.reset()
 
     def configure_optimizers(self):
