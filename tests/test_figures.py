@@ -72,22 +72,23 @@ def test_filters_tiles_follow_the_layer_shapes(trained):
     from allconv import checkpoint
 
     out, paths = figures.render(viz_cfg(trained, "viz.figure=filters"))
-    assert out == trained.parent.parent / "visualize" / "filters"
-    assert [p.name for p in paths] == ["block1.conv1.png", "block1.conv2.png"]
+    assert out == trained.parent.parent / "visualize" / "filters" and [p.name for p in paths] == ["filters.png"]
     _, module = checkpoint.load(trained)
     w1, w2 = module.net.block1.conv1.weight.detach(), module.net.block1.conv2.weight.detach()
     assert w1.shape == (12, 3, 3, 3) and w2.shape == (12, 12, 3, 3)
     tile, pad = 24, 1  # 3x3 kernels drawn 8x
     cols = math.ceil(math.sqrt(12))
-    first, second = png(paths[0]), png(paths[1])
-    assert (first.shape[1], first.shape[0]) == grid_size(12, tile, cols, pad)
-    assert (second.shape[1], second.shape[0]) == grid_size(12, tile, cols, pad)
+    width, height = grid_size(12, tile, cols, pad)  # each layer's grid: 12 filters
+    image = png(paths[0])
+    assert image.shape[:2] == (height, 2 * width + figures.FILTERS_GAP)
+    first, second = image[:, :width], image[:, width + figures.FILTERS_GAP:]
+    assert (image[:, width:width + figures.FILTERS_GAP] == 255).all()  # white between the layers
     for i in range(12):
-        # first layer: the filter's 3 input channels as RGB, scaled by its largest |weight|
+        # first layer (left): the filter's 3 input channels as RGB, scaled by its largest |weight|
         got = tile_at(first, i, tile, cols, pad)[4::8, 4::8]  # the centre of each kernel cell: (3, 3, RGB)
         expected = as_byte(0.5 + 0.5 * w1[i] / w1[i].abs().max()).transpose(1, 2, 0)
         assert np.abs(got - expected).max() <= 1, i
-        # second layer: grey tiles of the filter's strongest input channel (L2 norm), not of any other
+        # second layer (right): grey tiles of the filter's strongest input channel (L2 norm), not of any other
         strongest = int(w2[i].flatten(1).norm(dim=1).argmax())
         got = tile_at(second, i, tile, cols, pad)[4::8, 4::8]
         assert (got == got[..., :1]).all()  # grey
@@ -103,6 +104,10 @@ def test_filters_of_a_5x5_first_layer_and_a_1x1_second():
     assert list(pictures) == ["block1.conv1", "block1.conv2"]
     assert tuple(pictures["block1.conv1"].shape) == (3, *grid_size(12, 25, 4, 1)[::-1])  # 5x5 drawn 5x
     assert tuple(pictures["block1.conv2"].shape) == (3, *grid_size(12, 24, 4, 1)[::-1])  # 1x1 drawn 24x
+    (w1, h1), (w2, h2) = grid_size(12, 25, 4, 1), grid_size(12, 24, 4, 1)
+    both = figures.filters_figure(net)  # side by side, top-aligned, the shorter grid padded with white
+    assert tuple(both.shape) == (3, max(h1, h2), w1 + figures.FILTERS_GAP + w2)
+    assert (both[:, h2:, w1 + figures.FILTERS_GAP:] == 1).all()
 
 
 # -- whitening --------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 reconstructions (default): methods.png (image | backprop | deconvnet | guided for a few test
     images) and top<k>_<layer>_<method>.png, the paper's per-layer figure (allconv.visualize).
-filters: the first convolution's filters as RGB tiles, and the second's as each filter's
-    strongest input channel (grey tiles): one PNG per layer, named after it.
+filters: filters.png, the first convolution's filters as RGB tiles (left) and the second's as
+    each filter's strongest input channel (grey tiles, right).
 whitening: test images before and after GCN + ZCA, and the ZCA filters of a few pixels (rows of
     the run's own ZCA matrix, from its DataModule, as 32x32x3 images).
 
@@ -74,6 +74,20 @@ def filter_pictures(net: nn.Module) -> dict[str, torch.Tensor]:
     """{layer name: picture}: the first conv layer in colour, the second by strongest input channel."""
     (name1, conv1), (name2, conv2) = first_convs(net)
     return {name1: filter_grid(conv1.weight, rgb=conv1.in_channels == 3), name2: filter_grid(conv2.weight, rgb=False)}
+
+
+FILTERS_GAP = 8  # white pixels between the two layers' grids
+
+
+def filters_figure(net: nn.Module) -> torch.Tensor:
+    """The first conv layer's grid (left) beside the second's (right), top-aligned, FILTERS_GAP apart."""
+    left, right = filter_pictures(net).values()
+    height = max(left.shape[1], right.shape[1])
+
+    def pad(p: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(p, (0, 0, 0, height - p.shape[1]), value=1.0)
+
+    return torch.cat([pad(left), torch.ones(3, height, FILTERS_GAP), pad(right)], 2)
 
 
 def pixel_positions(n: int, size: int = 32, margin: int = 2) -> list[tuple[int, int]]:
@@ -183,9 +197,9 @@ def render(cfg: DictConfig) -> tuple[Path, list[Path]]:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     net.to("cuda" if use_cuda else "cpu")
     if v.figure == "filters":
-        pictures = filter_pictures(net)
+        picture = filters_figure(net)
         out = _out_dir(cfg)
-        return out, [save_png(p, out / f"{name}.png") for name, p in pictures.items()]
+        return out, [save_png(picture, out / "filters.png")]
 
     if v.figure == "whitening":
         if run_cfg.data.preprocess != "gcn_zca":
