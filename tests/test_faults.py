@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from allconv import experiment, faults, preprocessing, visualize
+from allconv import experiment, preprocessing, visualize
 from allconv.callbacks import AtomicCheckpointIO, CostEstimate
-from allconv.curves import plot_run
+from allconv.csv_logger import CSVLogger
+from allconv.curves import plot_run, read_epochs
+from allconv.data import DeviceLoader
 from allconv.errors import WriteError
 from conftest import PYTHON, TINY, TRAIN_PY, last_line, write_npz
 
@@ -198,7 +200,7 @@ def test_refused_write_is_one_error_naming_the_file_and_keeps_the_previous_file(
 
 
 def test_csv_log_full_disk_keeps_the_rows_written_and_retries_them(disk):
-    logger = faults.CSVLogger(str(disk.path), name="csv", version="")
+    logger = CSVLogger(str(disk.path), name="csv", version="")
     logger.log_hyperparams({"lr": 0.05})
     logger.log_metrics({"train/loss": 2.0, "epoch": 0}, step=9)
     logger.save()
@@ -218,11 +220,11 @@ def test_csv_log_full_disk_keeps_the_rows_written_and_retries_them(disk):
 
 
 def test_csv_log_of_a_resumed_run_keeps_the_earlier_rows(tmp_path):
-    first = faults.CSVLogger(str(tmp_path), name="csv", version="")
+    first = CSVLogger(str(tmp_path), name="csv", version="")
     for epoch, step in ((0, 9), (1, 19), (2, 29)):
         first.log_metrics({"epoch": epoch, "train/loss": 1.0 / (epoch + 1)}, step=step)
     first.save()  # epoch 2 was logged, but the run died before its checkpoint: resume from the end of epoch 1
-    again = faults.CSVLogger(str(tmp_path), name="csv", version="")
+    again = CSVLogger(str(tmp_path), name="csv", version="")
     again.log_metrics({"epoch": 2, "train/loss": 0.3}, step=29)
     again.save()
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
@@ -241,6 +243,30 @@ def test_unwritable_whitening_cache_warns_once_and_uses_the_fit(disk, fault, cap
     reason = REASONS[errno.ENOSPC if fault == "full" else errno.EROFS]
     assert err == f"warning: cannot write {path}: {reason}; the whitening fit is used from memory\n"
     assert not path.exists() and disk.temporaries() == []
+
+
+# -- a checkpoint written mid-epoch: the loader continues where the epoch stood ----------------------------
+
+def test_loader_state_resumes_the_epoch_with_the_same_batches_and_augmentation():
+    x, y = torch.randn(50, 3, 8, 8), torch.arange(50)
+
+    def loader(epoch: int) -> DeviceLoader:
+        return DeviceLoader(x, y, 8, shuffle=True, augment=True, translate=2, seed=4, epoch=lambda: epoch)
+
+    whole = list(loader(3))
+    first = loader(3)
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()  # what Lightning stores in a checkpoint after the third step
+    resumed = loader(3)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(whole) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, whole[3:], strict=True))
+    later = loader(4)  # a state from another epoch (an end-of-epoch checkpoint) does not apply
+    later.load_state_dict(state)
+    assert len(list(later)) == len(whole)
 
 
 # -- the cost estimate ------------------------------------------------------------------------------------
@@ -326,6 +352,9 @@ def _assert_same_as(reference, run: Path) -> None:
     assert (a["test_error"], a["val_error"]) == (b["test_error"], b["val_error"])
     wa, wb = _weights(ref), _weights(run)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = (read_epochs(d / "csv" / "metrics.csv") for d in (ref, run))
+    ca.pop("epoch_time_s"), cb.pop("epoch_time_s")
+    assert ca == cb  # every epoch's logged metrics, the interrupted epoch's train loss and accuracy included
 
 
 def _no_traceback(err: str) -> None:

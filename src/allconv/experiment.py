@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
+from allconv.csv_logger import CSVLogger
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError
-from allconv.faults import CSVLogger, write_atomic
+from allconv.faults import write_atomic
 from allconv.module import AllConvModule
 
 
