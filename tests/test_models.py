@@ -268,3 +268,19 @@ def test_every_network_names_its_downsampling_and_class_layers(family, variant):
     for h in hooks:
         h.remove()
     assert sizes == {"block1.down": 16, "block2.down": 8}
+
+
+@pytest.mark.parametrize("family,variant", [("a", "strided"), ("b", "convpool"), ("c", "allcnn")])
+def test_initialisation_draws_in_forward_order(family, variant):
+    """The nested, named build draws the same random numbers as a flat chain of its convs built in order."""
+    torch.manual_seed(0)
+    net = models.build(family, variant, width=0.25)
+    torch.manual_seed(0)
+    flat, cin = [], 3
+    for out, k, stride in paper_convs(family, variant, width=0.25):
+        flat.append(nn.Conv2d(cin, out, k, stride=stride, padding=k // 2))  # construction draws too
+        cin = out
+    for conv in flat:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    for got, ref in zip(convs_of(net), flat, strict=True):
+        assert torch.equal(got.weight, ref.weight)
