@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from allconv import experiment
-from allconv.ddp import HydraJobDDPStrategy
+from allconv.lightning_private import HydraJobDDPStrategy
 from conftest import TINY, only_line, write_npz
 
 

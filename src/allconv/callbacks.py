@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from allconv.errors import Interrupted, NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
+from allconv.lightning_private import LastCheckpoint
 from allconv.preprocessing import atomic_torch_save
 
 
@@ -32,23 +33,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_torch_save(checkpoint, Path(path))  # creates the folder; WriteError if the disk refuses
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt every n epochs, nothing else.
-
-    Lightning 2.6's ModelCheckpoint(save_top_k=0, save_last=True) writes last.ckpt only in a step
-    where it also wrote a top-k file, i.e. only at the end of fit: a killed run had nothing to resume.
-    """
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        if self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def on_validation_end(self, trainer, pl_module):
-        pass  # saved at the end of the training epoch, after the guard has checked the loss
 
 
 def _duration(seconds: float) -> str:

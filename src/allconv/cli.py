@@ -139,7 +139,10 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         def run() -> None:
+            from hydra.core.hydra_config import HydraConfig
+
             self.check(config)
+            HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in the folder name resolves
             if self.output_key and OmegaConf.select(config, self.output_key) is not None:
                 check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
 

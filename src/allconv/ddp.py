@@ -2,7 +2,7 @@
 
 Lightning starts ranks 1..N-1 by re-running the script with the parent's argv plus
 hydra.run.dir. In a Hydra multirun that argv holds -m and every sweep value, so each child would
-start the whole sweep again, in the wrong folder. HydraJobDDPStrategy relaunches the one job
+start the whole sweep again, in the wrong folder. lightning_private.HydraJobDDPStrategy relaunches the one job
 instead: its own overrides, its own output folder, in run mode. Under SLURM or torchrun the ranks
 are started by the cluster and none of this is used.
 
@@ -17,8 +17,6 @@ import hashlib
 import sys
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import subprocess_script
 
 
 def _quote(value: str) -> str:
@@ -41,29 +39,6 @@ def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
     command += [f"hydra.run.dir={_quote(hc.runtime.output_dir)}", f"hydra.job.name=ddp_rank_{local_rank}",
                 "hydra.output_subdir=null", "hydra.mode=RUN"]
     return command, get_original_cwd()
-
-
-class _HydraJobLauncher(subprocess_script._SubprocessScriptLauncher):
-    def _call_children_scripts(self) -> None:
-        global _env_before
-        import os
-
-        _env_before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
-        original = subprocess_script._hydra_subprocess_cmd
-        subprocess_script._hydra_subprocess_cmd = hydra_job_command  # used only inside this call
-        try:
-            super()._call_children_scripts()
-        finally:
-            subprocess_script._hydra_subprocess_cmd = original
-
-
-class HydraJobDDPStrategy(DDPStrategy):
-    """DDPStrategy whose script launcher restarts this Hydra job, not the command line."""
-
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if type(self._launcher) is subprocess_script._SubprocessScriptLauncher:
-            self._launcher = _HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -89,6 +64,14 @@ def rank_summary(trainer, module: torch.nn.Module, datamodule) -> dict:
 
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 _env_before: dict[str, str | None] | None = None
+
+
+def remember_launch_env() -> None:
+    """Called as the ranks are launched: the environment to restore when the job ends (end_job)."""
+    global _env_before
+    import os
+
+    _env_before = {k: os.environ.get(k) for k in _LAUNCH_ENV}
 
 
 def end_job() -> None:

@@ -111,7 +111,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
     if t.get("strategy") == "ddp":  # relaunch this Hydra job, not the whole sweep, on ranks 1..N-1
-        from allconv.ddp import HydraJobDDPStrategy
+        from allconv.lightning_private import HydraJobDDPStrategy
 
         t["strategy"] = HydraJobDDPStrategy()
     if not cfg.data.get("val_size") and t.get("limit_val_batches") is None:
@@ -140,10 +140,6 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
         return build_wandb_logger(cfg, run_dir)
     raise ConfigError(f"unknown logger.kind {kind!r}; allowed: csv, wandb, none")
-
-
-def run_name(cfg: DictConfig) -> str:
-    return f"{models.config_name(cfg.model.family, cfg.model.variant)}_lr{cfg.optim.lr}_s{cfg.seed}"
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -15,8 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+
+from allconv import models
+from allconv.errors import ConfigError
+from allconv.lightning_private import QuietWandbLogger
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -37,8 +41,6 @@ def has_api_key() -> bool:
 def resolve_mode(requested: str) -> str:
     """auto -> online with a key, else offline (an explicit WANDB_MODE wins, as wandb users expect)."""
     if requested not in MODES:
-        from allconv.experiment import ConfigError
-
         raise ConfigError(f"unknown logger.mode {requested!r}; allowed: {', '.join(MODES)}")
     if requested != "auto":
         return requested
@@ -48,7 +50,7 @@ def resolve_mode(requested: str) -> str:
     return "online" if has_api_key() else "offline"
 
 
-class RunLogger(WandbLogger):
+class RunLogger(QuietWandbLogger):
     """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train).
 
     With run_dir it also writes <run_dir>/csv/metrics.csv, as logger=csv does: the learning curve
@@ -57,7 +59,6 @@ class RunLogger(WandbLogger):
 
     def __init__(self, run_dir: str | Path | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._csv = CSVLogger(str(run_dir), name="csv", version="") if run_dir is not None else None
 
@@ -82,22 +83,19 @@ class RunLogger(WandbLogger):
             self._csv.finalize(status)
 
     def finish_run(self, metrics: dict) -> None:
-        if self._experiment is None:
+        run = self.started_run
+        if run is None:
             return
         curve = self.run_dir / "learning_curve.png" if self.run_dir else None
         if curve is not None and curve.is_file():  # drawn by experiment.train just before
             self.log_image(key="learning_curve", images=[str(curve)], caption=[str(metrics.get("model", ""))])
-        self._experiment.summary.update({f"final/{k}": v for k, v in metrics.items()
-                                         if isinstance(v, (int, float, str, bool))})
-        self._experiment.finish()
-        self._experiment = None
+        run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
+        run.finish()
+        self.forget_run()
 
 
 def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
     import wandb
-
-    from allconv.experiment import run_name
-    from allconv.models import config_name
 
     lg = cfg.logger
     mode = resolve_mode(lg.get("mode", "auto"))
@@ -106,12 +104,12 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
               f"upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`", file=sys.stderr)
     if wandb.run is not None:  # left open by an earlier job of this process that failed
         wandb.finish(exit_code=1)
-    model = config_name(cfg.model.family, cfg.model.variant)
+    model = models.config_name(cfg.model.family, cfg.model.variant)
     save_dir = Path(lg.save_dir) if lg.get("save_dir") else run_dir
     save_dir.mkdir(parents=True, exist_ok=True)
     return RunLogger(
         run_dir=run_dir,
-        name=run_name(cfg),
+        name=f"{model}_lr{cfg.optim.lr}_s{cfg.seed}",
         group=lg.get("group") or f"{model}_lr{cfg.optim.lr}",
         project=lg.project,
         entity=lg.get("entity"),
