@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def test_worker_processes_claim_distinct_slots(tmp_path, monkeypatch):
         child.start()
         child.join(10)
         assert queue.get(timeout=5) == 1
-    import os
-
     os.close(launchers._slot[1])
 
 
@@ -118,3 +117,15 @@ def test_submitit_local_runs_a_two_job_grid(tmp_path):
     assert sorted(jobs) == ["0_all_cnn_c_lr0.05_s0", "1_all_cnn_c_lr1e+30_s0"]
     assert jobs["0_all_cnn_c_lr0.05_s0"]["status"] == "ok" and jobs["1_all_cnn_c_lr1e+30_s0"]["status"] == "failed"
     assert len(list((sweep / ".submitit").glob("*/*_submitted.pkl"))) == 2  # each job pickled, as for SLURM
+
+
+def test_a_single_run_is_left_alone(tmp_path, monkeypatch):
+    from hydra.types import RunMode
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launchers, "_slot", None)
+    cfg = OmegaConf.create({"hydra": {"mode": RunMode.RUN, "sweep": {"dir": str(tmp_path / "sweep")},
+                                      "launcher": {"n_jobs": 2}, "job": {"num": 0}}})
+    launchers.LocalParallel().on_job_start(config=cfg)
+    assert not (tmp_path / "sweep").exists() and launchers._slot is None
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

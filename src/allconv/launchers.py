@@ -100,7 +100,10 @@ class LocalParallel(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         import torch
+        from hydra.types import RunMode
 
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run (no -m) keeps this process's devices
+            return
         n_jobs = int(config.hydra.launcher.n_jobs)
         devices = visible_devices()
         slot = claim_slot(Path(config.hydra.sweep.dir) / ".local_parallel", n_jobs)
