@@ -69,7 +69,7 @@ def test_offline_wandb_run_per_multirun_job(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wbc"),
            "WANDB_CACHE_DIR": str(tmp_path / "wbcache"), "WANDB_DATA_DIR": str(tmp_path / "wbdata")}
-    rc, out, err = run_cli("-m", "data=npz", f"data.path={data}", f"data.cache_dir={tmp_path / 'zca'}",
+    rc, out, err = run_cli("-m", "data=npz", f"data.path={data}", "data.preprocess=standardize",
                            "model.width=0.125", "trainer.max_epochs=1", "data.batch_size=32", "data.val_size=32",
                            "logger=wandb", "callbacks.progress_bar=none", "trainer.enable_progress_bar=false",
                            "print_config=false", "callbacks.checkpoint.every_n_epochs=0", "seed=0,1",
