@@ -12,8 +12,8 @@ import pytest
 from allconv import cli, report
 from conftest import CONF, last_line, run_cli, write_npz
 
-TINY = ["data=npz", "model.width=0.125", "trainer.max_epochs=1", "data.batch_size=32", "logger=none",
-        "callbacks.progress_bar=none", "trainer.enable_progress_bar=false", "print_config=false",
+TINY = ["data=npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=1", "data.batch_size=32",
+        "logger=none", "callbacks.progress_bar=none", "trainer.enable_progress_bar=false", "print_config=false",
         "callbacks.guided_backprop.every_n_epochs=0", "callbacks.checkpoint.every_n_epochs=0"]
 
 
