@@ -4,10 +4,10 @@
 
 All-CNN-C at width 0.01, batch 32, one thread, 2 epochs of `steps` batches; process CPU time per
 step (steadier than wall time on a shared CPU), median over interleaved repeats, for: the plain
-loop; Lightning with a bare training_step; the real AllConvModule; the real module without its
-per-step self.log calls (loss summed on the device, logged once per epoch); the real module with
-the rich and tqdm progress bars. The difference to the plain loop is what a fast GPU would see as
-extra host time per step.
+loop, without and with the update cap; Lightning with a bare training_step; the real AllConvModule
+(metrics summed on the device and logged per epoch, the update cap on), and without the cap; the
+real module with the rich and tqdm progress bars. The difference to the plain loop is what a fast
+GPU would see as extra host time per step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import AllConvModule, CIFARDataModule, FiniteLossGuard, L, logging, models, torch  # noqa: E402
+from bench import AllConvModule, CIFARDataModule, L, logging, models, torch  # noqa: E402
 
 F = torch.nn.functional
 
@@ -31,32 +31,6 @@ class BareModule(AllConvModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
-
-
-class EpochLogModule(AllConvModule):
-    """The change proposed for module.py: no per-step self.log; one log per epoch."""
-
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self._loss_sum, self._seen = torch.zeros((), device=self.device), 0
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad_step.copy_(torch.where(bad & (self.first_bad_step < 0),
-                                              torch.tensor(batch_idx, device=loss.device), self.first_bad_step))
-        self.train_acc.update(logits.detach(), y)
-        self._loss_sum += loss.detach() * len(y)
-        self._seen += len(y)
-        return loss
-
-    def on_train_epoch_end(self):
-        self.log("train/loss", self._loss_sum / self._seen)
-        self.log("train/acc", self.train_acc.compute())
-        self.train_acc.reset()
-        super().on_train_epoch_end()
 
 
 def main() -> None:
@@ -72,20 +46,20 @@ def main() -> None:
     t = {"x_train": torch.randn(n, 3, 32, 32, generator=g), "y_train": torch.randint(0, 10, (n,), generator=g),
          "x_test": torch.randn(16, 3, 32, 32, generator=g), "y_test": torch.randint(0, 10, (16,), generator=g)}
 
-    def lightning(cls, bar=None) -> float:
+    def lightning(cls, bar=None, cap=0.125) -> float:
         dm = CIFARDataModule(source="npz", batch_size=bs)
         dm.tensors = t
-        m = cls(models.build("c", "allcnn", width=0.01), num_classes=10)
+        m = cls(dict(family="c", variant="allcnn", width=0.01), num_classes=10, max_update_norm=cap)
         tr = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=2, limit_val_batches=0,
                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                       enable_progress_bar=bar is not None, callbacks=[FiniteLossGuard()] + ([bar] if bar else []),
+                       enable_progress_bar=bar is not None, callbacks=[bar] if bar else [],
                        default_root_dir="/tmp/allconv-overhead")
         start = time.process_time()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             tr.fit(m, datamodule=dm)
         return (time.process_time() - start) / (2 * a.steps)
 
-    def plain() -> float:
+    def plain(cap=None) -> float:
         net = models.build("c", "allcnn", width=0.01)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
         start = time.process_time()
@@ -94,14 +68,17 @@ def main() -> None:
             for b in range(a.steps):
                 idx = order[b * bs:(b + 1) * bs]
                 F.cross_entropy(net(t["x_train"][idx]), t["y_train"][idx]).backward()
+                if cap:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), cap / 0.05, foreach=True)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return (time.process_time() - start) / (2 * a.steps)
 
     cb = L.pytorch.callbacks
-    variants = {"plain loop": plain, "Lightning, bare training_step": lambda: lightning(BareModule),
-                "Lightning, real AllConvModule": lambda: lightning(AllConvModule),
-                "real module, per-epoch logging": lambda: lightning(EpochLogModule),
+    variants = {"plain loop": plain, "plain loop + update cap": lambda: plain(cap=0.125),
+                "Lightning, bare training_step": lambda: lightning(BareModule, cap=None),
+                "Lightning, real AllConvModule (update cap on)": lambda: lightning(AllConvModule),
+                "real module, update cap off": lambda: lightning(AllConvModule, cap=None),
                 "real module + RichProgressBar": lambda: lightning(AllConvModule, cb.RichProgressBar()),
                 "real module + TQDMProgressBar": lambda: lightning(AllConvModule, cb.TQDMProgressBar())}
     res: dict[str, list[float]] = {k: [] for k in variants}
