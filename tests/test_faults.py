@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ from allconv.callbacks import AtomicCheckpointIO, CostEstimate
 from allconv.csv_logger import CSVLogger
 from allconv.curves import plot_run, read_epochs
 from allconv.data import DeviceLoader
-from allconv.errors import WriteError
+from allconv.errors import Interrupted, WriteError
 from conftest import PYTHON, TINY, TRAIN_PY, last_line, write_npz
 
 REASONS = {errno.ENOSPC: "No space left on device (ENOSPC)", errno.EROFS: "Read-only file system (EROFS)",
@@ -245,6 +246,88 @@ def test_unwritable_whitening_cache_warns_once_and_uses_the_fit(disk, fault, cap
     assert not path.exists() and disk.temporaries() == []
 
 
+# -- the signal at each kind of boundary, in process: resume ends as the uninterrupted run -------------------
+
+class _SignalAt(L.Callback):
+    """Send a signal to this process, as a cluster would, at one point of epoch 1."""
+
+    def __init__(self, where: str, signum: int):
+        self.where, self.signum = where, signum
+
+    def _send(self, trainer, where: str) -> None:
+        if trainer.current_epoch == 1 and where == self.where and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        last = batch_idx == trainer.num_training_batches - 1
+        self._send(trainer, "step 2" if batch_idx == 1 else "last step" if last else "")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._send(trainer, "validation")
+
+
+def _inprocess_cfg(tmp: Path, val_size: int):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    data = tmp / "small.npz"
+    if not data.exists():
+        write_npz(data, n_train=160, n_test=32)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[
+            "data=npz", f"data.path={data}", *TINY, "data.preprocess=standardize", f"data.val_size={val_size}",
+            "data.batch_size=32", "trainer.max_epochs=2", "logger=none"])  # 4 or 5 steps per epoch; epoch 1 is hit
+
+
+@pytest.fixture(scope="module")
+def inprocess_reference(tmp_path_factory):
+    """Uninterrupted in-process runs, without and with a validation split: (folder, metrics, weights)."""
+    tmp = tmp_path_factory.mktemp("inprocess")
+    done = {}
+
+    def get(val_size: int):
+        if val_size not in done:
+            run = tmp / f"reference_val{val_size}"
+            done[val_size] = experiment.train(_inprocess_cfg(tmp, val_size), run), _weights(run)
+        return (tmp, *done[val_size])
+
+    return get
+
+
+@pytest.mark.parametrize("where, signum, val_size, said", [
+    ("step 2", signal.SIGTERM, 32, "at epoch 1, step 2 of 4: saved {ckpt}"),
+    ("last step", signal.SIGINT, 0, "at the end of epoch 1: saved {ckpt}"),
+    ("last step", signal.SIGTERM, 32, "during validation of epoch 1; continue from the last checkpoint with: "),
+], ids=["mid-epoch", "end-of-epoch", "validation"])
+def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_reference, monkeypatch, capsys,
+                                                                   where, signum, val_size, said):
+    from allconv import callbacks
+
+    tmp, ref_metrics, ref_weights = inprocess_reference(val_size)
+    cfg = _inprocess_cfg(tmp, val_size)
+    run = tmp / f"{where.replace(' ', '_')}_val{val_size}"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    build = callbacks.build_callbacks
+    monkeypatch.setattr(callbacks, "build_callbacks", lambda c, d: build(c, d) + [_SignalAt(where, signum)])
+    with pytest.raises(Interrupted) as info, callbacks.interrupted_as_error():
+        experiment.train(cfg, run)
+    monkeypatch.setattr(callbacks, "build_callbacks", build)
+    e, name = info.value, signal.Signals(signum).name
+    assert e.exit_code == 128 + signum and e.status == "interrupted"
+    assert str(e).startswith(f"interrupted by {name} " + said.format(ckpt=ckpt)) and str(e).endswith(f"resume={run}")
+    assert capsys.readouterr().err.startswith(f"{name}: stopping at the end of this step")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+    cfg.ckpt_path = str(ckpt)
+    metrics = experiment.train(cfg, run)
+    assert (metrics["test_error"], metrics.get("val_error"), metrics["epochs"]) == \
+        (ref_metrics["test_error"], ref_metrics.get("val_error"), ref_metrics["epochs"])
+    weights = _weights(run)
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
 # -- a checkpoint written mid-epoch: the loader continues where the epoch stood ----------------------------
 
 def test_loader_state_resumes_the_epoch_with_the_same_batches_and_augmentation():
@@ -281,8 +364,6 @@ class _StopWhenEstimated(CostEstimate):
 
 @pytest.mark.parametrize("epochs, long", [(2, False), (10_000_000, True)])
 def test_cost_estimate_line_and_the_cpu_advice(compose_cfg, tmp_path, capsys, epochs, long):
-    import lightning as L
-
     data = write_npz(tmp_path / "d.npz", n_train=64, n_test=16)
     cfg = compose_cfg("data=npz", f"data.path={data}", *TINY, "data.batch_size=32", "data.preprocess=standardize")
     estimate = _StopWhenEstimated()

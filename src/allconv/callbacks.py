@@ -140,11 +140,11 @@ class Preemption(L.Callback):
         command = f"python {shlex.quote(sys.argv[0] or 'src/train.py')} resume={shlex.quote(str(self.run_dir))}"
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and not trainer.validating and not trainer.sanity_checking:
-            where = f"epoch {trainer.current_epoch}, step {trainer.fit_loop.epoch_loop.batch_idx + 1} of " \
-                    f"{trainer.num_training_batches}"
-            if not any(getattr(cb, "_last_global_step_saved", None) == trainer.global_step
-                       for cb in trainer.checkpoint_callbacks):  # else the epoch's checkpoint is this very state
-                trainer.save_checkpoint(self.ckpt)
+            step, steps = trainer.fit_loop.epoch_loop.batch_idx + 1, trainer.num_training_batches
+            # Lightning stops after a step, or after the epoch's end hooks (then current_epoch is the next one).
+            where = f"epoch {trainer.current_epoch}, step {step} of {steps}" if step < steps else \
+                f"the end of epoch {trainer.current_epoch - 1}"
+            trainer.save_checkpoint(self.ckpt)
             message = f"{name} at {where}: saved {self.ckpt}; continue with: {command}"
         elif fitting:  # inside validation: the last checkpoint is from the end of an earlier epoch
             where = f"{name} during validation of epoch {trainer.current_epoch}"
