@@ -226,6 +226,8 @@ def test_csv_log_of_a_resumed_run_keeps_the_earlier_rows(tmp_path):
         first.log_metrics({"epoch": epoch, "train/loss": 1.0 / (epoch + 1)}, step=step)
     first.save()  # epoch 2 was logged, but the run died before its checkpoint: resume from the end of epoch 1
     again = CSVLogger(str(tmp_path), name="csv", version="")
+    assert again.experiment  # Lightning's writer removes metrics.csv as it starts; the rows are put back
+    assert len((tmp_path / "csv" / "metrics.csv").read_text().splitlines()) == 4
     again.log_metrics({"epoch": 2, "train/loss": 0.3}, step=29)
     again.save()
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()

@@ -2,7 +2,8 @@
 
 A refused write is a WriteError naming the file; the rows it could not write are written by the
 next save. A resumed run continues its metrics.csv: Lightning's writer deletes the file when it
-starts, this one keeps the rows logged before the step where the resumed run takes over.
+starts; this one reads it first, writes it back at once, and keeps the rows logged before the step
+where the resumed run takes over. Only public Lightning names are used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from allconv.errors import WriteError
 from allconv.faults import write_atomic, write_error
@@ -30,28 +32,22 @@ def _read_rows(path: str) -> list[dict]:
 
 
 class _AtomicExperimentWriter(ExperimentWriter):
-    """Lightning's CSV writer, writing the whole file each time (a few rows per epoch) through write_atomic.
-
-    A resumed run continues its metrics.csv: Lightning's writer deletes the file when it starts;
-    this one keeps the earlier rows up to the step where the resumed run takes over.
-    """
+    """Lightning's CSV writer, writing the whole file each time (a few rows per epoch) through write_atomic."""
 
     def __init__(self, log_dir: str) -> None:
+        earlier = _read_rows(os.path.join(log_dir, self.NAME_METRICS_FILE))  # Lightning's __init__ removes the file
         super().__init__(log_dir=log_dir)
-        self._earlier: list[dict] | None = _read_rows(self.metrics_file_path)
-        self._rows: list[dict] = []
-        self._unsaved = False  # rows whose write was refused: the next save() writes them
-
-    def _check_log_dir_exists(self) -> None:
-        pass  # Lightning's removes metrics.csv; a resumed run keeps it
+        self._rows, self._resumed = earlier, bool(earlier)
+        self._unsaved = bool(earlier)  # rows not on disk (put back now, or refused by a full disk)
+        self.save()
 
     def save(self) -> None:
         if not self.metrics and not self._unsaved:
             return
-        if self._earlier is not None:  # rows of the earlier part past the checkpoint are logged again
+        if self._resumed and self.metrics:  # rows of the earlier part past the checkpoint are logged again
             first = min(float(m.get("step", 0)) for m in self.metrics)
-            self._rows = [r for r in self._earlier if float(r.get("step", -1)) < first]
-            self._earlier = None
+            self._rows = [r for r in self._rows if float(r.get("step", -1)) < first]
+            self._resumed = False
         self._rows += self.metrics
         self.metrics, self._unsaved = [], True
         keys = self.metrics_keys = sorted(set().union(*self._rows))
@@ -73,21 +69,25 @@ class _AtomicExperimentWriter(ExperimentWriter):
 class CSVLogger(_LightningCSVLogger):
     """Lightning's CSVLogger whose files are written whole or not at all; a refused write is a WriteError."""
 
+    _writer: _AtomicExperimentWriter | None = None
+
     @property
     @rank_zero_experiment
     def experiment(self) -> _AtomicExperimentWriter:
-        if self._experiment is None:
+        if self._writer is None:
             try:
                 os.makedirs(self.log_dir, exist_ok=True)
             except OSError as e:
                 raise write_error(self.log_dir, e) from None
-            self._experiment = _AtomicExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+            self._writer = _AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._writer
 
+    @rank_zero_only
     def finalize(self, status: str) -> None:
-        if status != "failed":
-            return super().finalize(status)
-        try:  # the run is already failing: its own error is the one to report
-            super().finalize(status)
+        if self._writer is None:
+            return
+        try:
+            self.save()
         except WriteError:
-            pass
+            if status != "failed":
+                raise  # else the run is already failing: its own error is the one to report
