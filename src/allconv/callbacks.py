@@ -61,6 +61,7 @@ class Preemption(L.Callback):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._rng: list | None = None
+        self._steps = 0
 
     # -- the signals -----------------------------------------------------------------------
     def _install(self) -> None:
@@ -114,12 +115,18 @@ class Preemption(L.Callback):
         import torch
 
         self._install()
-        rng, self._rng = getattr(self, "_rng", None), None
-        if rng and trainer.fit_loop.restarted_mid_epoch:  # no on_train_epoch_start (no EpochSeed) follows
+        rng, self._rng = self._rng, None
+        if rng:  # mid-epoch, no on_train_epoch_start (no EpochSeed) follows; else the next epoch reseeds anyway
             mine = rng[trainer.global_rank] if trainer.global_rank < len(rng) else rng[0]
             torch.set_rng_state(mine["cpu"])
             if mine["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(mine["cuda"])
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._steps = batch_idx + 1  # steps done in this epoch, for the message
 
     def on_test_start(self, trainer, pl_module):
         self._install()
@@ -140,9 +147,9 @@ class Preemption(L.Callback):
         command = f"python {shlex.quote(sys.argv[0] or 'src/train.py')} resume={shlex.quote(str(self.run_dir))}"
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and not trainer.validating and not trainer.sanity_checking:
-            step, steps = trainer.fit_loop.epoch_loop.batch_idx + 1, trainer.num_training_batches
+            steps = trainer.num_training_batches
             # Lightning stops after a step, or after the epoch's end hooks (then current_epoch is the next one).
-            where = f"epoch {trainer.current_epoch}, step {step} of {steps}" if step < steps else \
+            where = f"epoch {trainer.current_epoch}, step {self._steps} of {steps}" if self._steps < steps else \
                 f"the end of epoch {trainer.current_epoch - 1}"
             trainer.save_checkpoint(self.ckpt)
             message = f"{name} at {where}: saved {self.ckpt}; continue with: {command}"

@@ -122,8 +122,8 @@ class AllConvModule(L.LightningModule):
     def on_train_start(self):
         """Resumed mid-epoch, Lightning does not call on_train_epoch_start: the epoch's sums come back here."""
         sums, self._resumed_sums = getattr(self, "_resumed_sums", None), None
-        if sums is None or not self.trainer.fit_loop.restarted_mid_epoch:
-            return
+        if sums is None or int(sums["step_in_epoch"]) >= self.trainer.num_training_batches:
+            return  # an end-of-epoch checkpoint: the next epoch starts afresh
         dev = self.device
         self._epoch_start = time.perf_counter() - sums["elapsed_s"]
         self._loss_sum, self._seen, self._steps = sums["loss_sum"].to(dev), sums["seen"], sums["steps"]
