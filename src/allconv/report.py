@@ -507,6 +507,7 @@ def curves_figure(traces: list[Trace], label: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.2), layout="constrained")
     for i, (t, name) in enumerate(zip(traces, _line_labels(traces), strict=True)):
@@ -532,12 +533,15 @@ def curves_figure(traces: list[Trace], label: str):
     for ax in (ax_val, ax_loss):
         for epoch, factor in lr_drops(traces):
             ax.axvline(epoch, color="0.6", ls=":", lw=1)
-            ax.annotate(f"lr ×{factor:.2g}", (epoch, 1), xycoords=("data", "axes fraction"), xytext=(2, -12),
-                        textcoords="offset points", fontsize=8, color="0.3", rotation=90, va="top")
+            ax.annotate(f"lr ×{factor:.2g}", (epoch, 0), xycoords=("data", "axes fraction"), xytext=(2, 4),
+                        textcoords="offset points", fontsize=8, color="0.3", rotation=90, va="bottom")
         ax.set_xlabel("epochs completed")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     ax_val.set(ylabel="validation error (%)", ylim=(0, 100), title="validation error per epoch")
-    ax_loss.set(ylabel="train cross-entropy (dropout on)", ylim=(0, None), title="train loss per epoch")
+    top = max([math.log(num_classes)] + [v for t in traces for v in t.series.get("train/loss", {}).values()
+                                         if math.isfinite(v)])
+    ax_loss.set(ylabel="train cross-entropy (dropout on)", ylim=(0, 1.1 * top), title="train loss per epoch")
     ax_val.legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{_networks(traces)}: learning curves by learning rate and update cap\n{_wrap(label, 120)}",
                  fontsize=10)
