@@ -216,7 +216,7 @@ def train_job(cfg: DictConfig) -> float | None:
             experiment.write_json(out / "metrics.json", record)
         except OSError:
             pass  # the folder itself is what failed; the line below says why
-        if is_multirun():  # the sweep goes on; the report lists this run as failed or interrupted
+        if is_multirun() and status != "interrupted":  # the sweep goes on; the report lists the failed run
             if not known:
                 import traceback
 
@@ -225,6 +225,6 @@ def train_job(cfg: DictConfig) -> float | None:
             return None
         if not known:
             raise
-        fail(message, e.exit_code)
+        fail(message, e.exit_code)  # a signal stops a sweep too: the scheduler asked the whole process to stop
     print(f"test error {metrics['test_error']:.4f}  ->  {out / 'metrics.json'}")
     return metrics["test_error"]
