@@ -319,7 +319,9 @@ def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_ref
     e, name = info.value, signal.Signals(signum).name
     assert e.exit_code == 128 + signum and e.status == "interrupted"
     assert str(e).startswith(f"interrupted by {name} " + said.format(ckpt=ckpt)) and str(e).endswith(f"resume={run}")
-    assert capsys.readouterr().err.startswith(f"{name}: stopping at the end of this step")
+    # Only this line is ours; in a long pytest session Lightning's logger may add its own lines.
+    err_lines = capsys.readouterr().err.splitlines()
+    assert any(ln.startswith(f"{name}: stopping at the end of this step") for ln in err_lines), err_lines[-10:]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
 
     cfg.ckpt_path = str(ckpt)
@@ -461,7 +463,10 @@ def test_sigterm_mid_training_saves_and_resume_matches_uninterrupted(reference, 
     _no_traceback(err)
     line = last_line(err)
     command = f"python {TRAIN_PY} resume={run}"
-    assert line.startswith("error: interrupted by SIGTERM at epoch ") and line.endswith(f"continue with: {command}")
+    # Under load the signal can land on the boundary at the end of epoch 1 rather than inside it.
+    assert line.startswith(("error: interrupted by SIGTERM at epoch ",
+                            "error: interrupted by SIGTERM at the end of epoch "))
+    assert line.endswith(f"continue with: {command}")
     assert f"saved {last}" in line or "during validation" in line
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     saved = torch.load(last, map_location="cpu", weights_only=True)
