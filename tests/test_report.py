@@ -127,7 +127,8 @@ def write_study_run(root: Path, num: int, lr: float, cap: float | None, curve: l
         clip = "" if cap is None else f"{cap / lr_now}"
         clipped = "" if cap is None else ("0.5" if epoch == 0 else "0.25")
         rows.append(f"{epoch},,,,,{step},,,,{val},{loss - 0.1}")
-        rows.append(f"{epoch},25.0,{lr_now},{clip},{clipped},{step},{acc},1.5,{loss},,")
+        seconds = 24.0 if (epoch, cap) == (1, 0.125) else 25.0
+        rows.append(f"{epoch},{seconds},{lr_now},{clip},{clipped},{step},{acc},1.5,{loss},,")
     (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     if test is not None:
         m = {"status": "ok", "model": "all_cnn_c", "network": "All-CNN-C", "family": "c", "variant": "allcnn",
@@ -183,12 +184,12 @@ def test_curves_table_one_row_per_run_with_its_outcome(study):
     assert set(rows) - {"run", "---"} == {"0_lr0.25_cap0.125", "1_lr0.1_cap0.125", "2_lr0.05_cap0.125",
                                           "3_lr0.01_cap0.125", "0_lr0.05_capNone", "4_lr0.001_cap0.125"}
     dead = rows["0_lr0.25_cap0.125"]
-    assert dead[2:5] == ["All-CNN-C", "0.25", "0.125"] and dead[11] == "died at epoch 3" and dead[10] == "29"
+    assert dead[2:5] == ["All-CNN-C", "0.25", "0.125"] and dead[11] == "died at epoch 3" and dead[10] == "31"
     assert dead[7] == "55.00 (2)"  # best validation error, before it died
     capped, plain = rows["2_lr0.05_cap0.125"], rows["0_lr0.05_capNone"]
     assert capped[4] == "0.125" and plain[4] == "none"
     assert (capped[8], plain[8]) == ("30.00", "32.00") and (capped[6], plain[6]) == ("31.00", "32.50")
-    assert capped[11] == "trained to the end (6 epochs)" and capped[12] == "10.1 min"
+    assert capped[11] == "trained to the end (6 epochs)" and capped[12:14] == ["24.0, 25.0", "10.1 min"]
     assert plain[10] == "–"  # no cap: nothing logged
     killed = rows["4_lr0.001_cap0.125"]
     assert killed[2] == "All-CNN-C" and killed[8] == "–"
@@ -205,9 +206,17 @@ def test_curves_findings_come_from_the_numbers(study):
     assert ("- lr 0.25 (cap 0.125) died at epoch 3 after reaching 55.00% validation error at epoch 2: at chance from "
             "then on (last epoch: train loss 2.303, ln 10 = 2.303; train accuracy 10.0%); test error 90.00%.") in text
     assert ("- At lr 0.05, cap 0.125 vs no cap: test error 30.00% vs 32.00%, final validation error 31.00% vs "
-            "32.50%, wall time 10.1 min vs 9.8 min: the cap gains 2.00 points of test error (one seed each); "
-            "with the cap, 50% of the steps of epoch 1 and 29% of all steps were capped.") in text
+            "32.50%, epoch time (fastest, median) 24.0, 25.0 s vs 25.0, 25.0 s: the cap gains 2.00 points of test "
+            "error (one seed each); "
+            "the cap bound 50% of the steps of epoch 1 and 31% of the steps before the first lr drop.") in text
     assert "- lr 0.001 (cap 0.125): no metrics.json (killed or still running) after 2 epochs." in text
+    assert "No run died" not in text
+
+
+def test_curves_say_when_no_run_died(tmp_path):
+    write_study_run(tmp_path / "sweep", 0, 0.05, 0.125, LEARNS, test=0.3)
+    text, _ = report.curves_report([tmp_path / "sweep"], plot=False)
+    assert "- No run died: none ended at chance by the rule above." in text
 
 
 def test_curves_page_and_figure_say_what_was_run(study):

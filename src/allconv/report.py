@@ -567,22 +567,28 @@ def _pc(x: float | None) -> str:
 
 def runs_table(traces: list[Trace]) -> list[str]:
     lines = ["| run | network | lr | update cap | epochs | val error % (last) | val error % (best, epoch) "
-             "| test error % | train loss (last) | steps capped % | outcome | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test error % | train loss (last) | steps capped % (at the first lr) | outcome "
+             "| epoch s (fastest, median) | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in traces:
         r, s = t.run, t.series
         best = _best(s, "val/error")
         loss = _final(s, "train/loss")
         test = r.metrics.get("test_error") if r.status == "ok" else None
         wall = r.metrics.get("wall_time_s") if isinstance(r.metrics.get("wall_time_s"), (int, float)) else None
-        capped = s.get("optim/clipped_frac", {})  # per epoch; epochs have equal step counts
         lines.append(f"| {r.path.name} | {r.network} | {_g(r.lr)} "
                      f"| {'none' if r.cap is None else f'{r.cap:g}'} | {t.epochs} | {_pc(_final(s, 'val/error'))} "
                      f"| {'–' if best is None else f'{100 * best[0]:.2f} ({best[1]})'} | {_pc(test)} "
                      f"| {'–' if loss is None else f'{loss:.3f}'} "
-                     f"| {f'{100 * statistics.fmean(capped.values()):.0f}' if capped else '–'} "
-                     f"| {t.fate()} | {_fmt_time(wall)} |")
+                     f"| {_pc0(_capped_at_first_lr(s))} "
+                     f"| {t.fate()} | {_epoch_times(s)} | {_fmt_time(wall)} |")
     return lines
+
+
+def _epoch_times(series: dict) -> str:
+    """Fastest and median epoch: on a shared machine the fastest is the closest to the run's own speed."""
+    times = list(series.get("epoch_time_s", {}).values())
+    return f"{min(times):.1f}, {statistics.median(times):.1f}" if times else "–"
 
 
 def _who(t: Trace) -> str:
@@ -600,6 +606,8 @@ def findings(traces: list[Trace]) -> list[str]:
             best = min(ranked, key=lambda t: _final(t.series, "val/error"))
             out.append(f"Lowest final validation error: {_who(best)}, {_pc(_final(best.series, 'val/error'))}% "
                        f"(test error {_pc(best.run.metrics.get('test_error'))}%).")
+    if traces and all(t.died_at is None for t in traces):
+        out.append("No run died: none ended at chance by the rule above.")
     for t in traces:
         if t.died_at is None:
             continue
@@ -618,13 +626,27 @@ def findings(traces: list[Trace]) -> list[str]:
     return out
 
 
+def _capped_at_first_lr(series: dict) -> float | None:
+    """Share of the steps the cap bound before the first lr drop (after it, lr*|g| is rarely that large);
+    epochs have equal step counts, so the mean of the per-epoch shares."""
+    f, lr = series.get("optim/clipped_frac", {}), series.get("lr", {})
+    if not f:
+        return None
+    first = lr[min(lr)] if lr else None
+    at_first = [v for e, v in f.items() if first is None or math.isclose(lr.get(e, -1.0), first)]
+    return statistics.fmean(at_first or f.values())
+
+
+def _pc0(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}"
+
+
 def _clipped(t: Trace) -> str:
     f = t.series.get("optim/clipped_frac", {})
     if not f:
         return ""
-    first = f[min(f)]
-    return (f"; with the cap, {100 * first:.0f}% of the steps of epoch 1 and {100 * statistics.fmean(f.values()):.0f}% "
-            f"of all steps were capped")
+    return (f"; the cap bound {_pc0(f[min(f)])}% of the steps of epoch 1 and {_pc0(_capped_at_first_lr(t.series))}% "
+            f"of the steps before the first lr drop")
 
 
 def _cap_pairs(traces: list[Trace]) -> list[str]:
@@ -648,8 +670,8 @@ def _cap_pairs(traces: list[Trace]) -> list[str]:
             cm, pm = c.run.metrics, p.run.metrics
             out.append(f"At lr {lr:g}, {_cap_text(c.run.cap)} vs no cap: test error {_pc(cm['test_error'])}% "
                        f"vs {_pc(pm['test_error'])}%, final validation error "
-                       f"{_pc(_final(c.series, 'val/error'))}% vs {_pc(_final(p.series, 'val/error'))}%, wall time "
-                       f"{_fmt_time(cm.get('wall_time_s'))} vs {_fmt_time(pm.get('wall_time_s'))}: "
+                       f"{_pc(_final(c.series, 'val/error'))}% vs {_pc(_final(p.series, 'val/error'))}%, epoch time "
+                       f"(fastest, median) {_epoch_times(c.series)} s vs {_epoch_times(p.series)} s: "
                        f"{verdict} (one seed each){_clipped(c)}.")
     return out
 
