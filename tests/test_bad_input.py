@@ -153,3 +153,33 @@ def test_non_finite_loss_exits_1_with_one_line(run_train, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == line[len("error: "):]
     assert not (run / "checkpoints" / "last.ckpt").exists()  # the diverged epoch was not saved
+
+
+def _rejected_folder(run_entry, tmp_path, *args):
+    before = snapshot(tmp_path)
+    rc, out, err = run_entry(*args, "trainer.max_epochs=1", cwd=tmp_path)
+    assert rc == 2, (rc, out[-2000:], err[-3000:])
+    line = only_line(err)
+    assert snapshot(tmp_path) == before and "test error" not in out
+    return line
+
+
+def test_run_folder_under_a_file_is_one_line(run_entry, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    line = _rejected_folder(run_entry, tmp_path, f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
+    assert line.startswith("error: hydra.run.dir=") and "afile" in line and "is a file" in line
+
+
+def test_run_folder_that_cannot_be_written_is_one_line(run_entry, tmp_path):
+    with read_only_folder(tmp_path / "ro") as ro:
+        line = _rejected_folder(run_entry, tmp_path, f"hydra.run.dir={ro}")
+        assert line.startswith(f"error: hydra.run.dir='{ro}' cannot be written"), line
+        line = _rejected_folder(run_entry, tmp_path, f"hydra.run.dir={ro / 'new' / 'run'}")
+        assert f"cannot be created: '{ro}' is not writable" in line, line
+
+
+def test_sweep_folder_that_cannot_be_created_fails_before_any_job(run_entry, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    line = _rejected_folder(run_entry, tmp_path, "-m", "optim.lr=0.1,0.05",
+                            f"hydra.sweep.dir={tmp_path / 'afile' / 's'}")
+    assert line.startswith("error: hydra.sweep.dir=") and "is a file" in line
