@@ -326,3 +326,20 @@ def test_curves_errors_are_one_line_and_write_nothing(tmp_path, capsys, study):
     err = capsys.readouterr().err.strip()
     assert err == f"error: {folder}: is a directory; give a file name"
     assert list(folder.iterdir()) == [] and not (study["sweep"] / "curves.png").exists()
+
+
+def test_a_refused_page_write_is_one_line_and_keeps_the_old_page(study, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text("old page\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # where a full disk may first say so
+    assert report.main([str(study["sweep"]), "--curves", "--md", str(md), "--no-plot"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "RESULTS.md" in err[0] and "ENOSPC" in err[0]
+    assert md.read_text() == "old page\n" and [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]

@@ -38,7 +38,8 @@ import yaml
 
 from allconv import models
 from allconv.curves import read_epochs
-from allconv.errors import ReportError
+from allconv.errors import ReportError, WriteError
+from allconv.faults import figure_bytes, write_atomic
 
 # Test error (%) on CIFAR-10 without augmentation: the paper's Table 1 and the replication review's
 # runs (PAPER.md, "Reference results"). Keys are the Hydra option names, rows in the paper's order.
@@ -362,7 +363,7 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        fig.savefig(path, dpi=120)
+        write_atomic(path, figure_bytes(fig, dpi=120))  # whole or not at all; WriteError names the file
     finally:
         plt.close(fig)
 
@@ -406,12 +407,7 @@ def _write_page(path: Path, text: str) -> str:
         raise ReportError(f"{path}: cannot read the page to keep its hand-written part ({e})") from None
     if KEEP_MARKER in old:
         text = text.split(KEEP_MARKER, 1)[0].rstrip("\n") + "\n\n" + KEEP_MARKER + old.split(KEEP_MARKER, 1)[1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ReportError(f"{path}: cannot write ({e.strerror})") from None
+    write_atomic(path, text.encode())
     return text
 
 
@@ -727,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     make = curves_report if args.curves else report
     try:
         text, out = make(args.dirs, args.out, plot=not args.no_plot, md=args.md, png=args.png)
-    except ReportError as e:
+    except (ReportError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(text)
     print(f"-> {out}", file=sys.stderr)
     return 0
