@@ -215,3 +215,14 @@ def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cach
     unclipped = first_step("null")
     assert unclipped > 10 * 1e-2  # lr * |g| exceeds the cap below, so the cap must act
     assert first_step(1e-2) == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_derived_settings_come_from_the_composed_config(compose_cfg, tiny_npz, shared_cache_dir):
+    """A compiled network sees one batch shape (drop_last follows model.compile); no split, no validation loop."""
+    plain = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir))
+    compiled = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model.compile=true"))
+    assert experiment.build_datamodule(plain).drop_last is False
+    assert experiment.build_datamodule(compiled).drop_last is True
+    assert experiment.trainer_kwargs(plain)["limit_val_batches"] == 0
+    split = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "data.val_size=8"))
+    assert "limit_val_batches" not in experiment.trainer_kwargs(split)
