@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from allconv import figures
+from allconv import figures, visualize_run
 from allconv.errors import AllConvError
 from conftest import CONF, SRC, last_line, run_cli, write_npz
 
@@ -71,7 +71,7 @@ def as_byte(v: torch.Tensor) -> np.ndarray:
 def test_filters_tiles_follow_the_layer_shapes(trained):
     from allconv import checkpoint
 
-    out, paths = figures.render(viz_cfg(trained, "viz.figure=filters"))
+    out, paths = visualize_run.render(viz_cfg(trained, "viz.figure=filters"))
     assert out == trained.parent.parent / "visualize" / "filters" and [p.name for p in paths] == ["filters.png"]
     _, module = checkpoint.load(trained)
     w1, w2 = module.net.block1.conv1.weight.detach(), module.net.block1.conv2.weight.detach()
@@ -114,7 +114,7 @@ def test_filters_of_a_5x5_first_layer_and_a_1x1_second():
 def test_whitening_shows_the_images_and_the_runs_own_zca(trained):
     from allconv import checkpoint, experiment
 
-    out, paths = figures.render(viz_cfg(trained, "viz.figure=whitening", "viz.num_images=4"))
+    out, paths = visualize_run.render(viz_cfg(trained, "viz.figure=whitening", "viz.num_images=4"))
     assert [p.name for p in paths] == ["whitening.png"] and out.name == "whitening"
     image = png(paths[0])
     tile, pad, cols = 64, 2, 4  # 32x32 drawn 2x; 4 images; rows: raw, whitened, ZCA rows of R, G, B
@@ -146,7 +146,7 @@ def test_whitening_needs_a_zca_run(trained, tmp_path):
     torch.save(ckpt, other)
     with pytest.raises(AllConvError, match="viz.figure=whitening needs a run trained on GCN \\+ ZCA whitened data; "
                                            "this one used data.preprocess='standardize'"):
-        figures.render(viz_cfg(other, "viz.figure=whitening"))
+        visualize_run.render(viz_cfg(other, "viz.figure=whitening"))
     assert not (tmp_path / "run" / "visualize").exists()
 
 
@@ -182,7 +182,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, args, message):
     args = [a.replace("<file>", str(blocker)) for a in args]
     before = _files(run_dir)
     with pytest.raises(AllConvError) as e:
-        figures.render(viz_cfg(trained, *args))
+        visualize_run.render(viz_cfg(trained, *args))
     assert message in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
     assert _files(run_dir) == before
     blocker.unlink()
@@ -194,7 +194,7 @@ def test_a_checkpoint_that_does_not_fit_its_model(trained, tmp_path):
     other = tmp_path / "last.ckpt"
     torch.save(ckpt, other)
     with pytest.raises(AllConvError, match="does not match its own model"):
-        figures.render(viz_cfg(other, "viz.figure=filters"))
+        visualize_run.render(viz_cfg(other, "viz.figure=filters"))
     assert _files(tmp_path) == [other]
 
 
