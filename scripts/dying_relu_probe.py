@@ -1,16 +1,19 @@
 """Plain-PyTorch probe behind README "Why it trains": which ReLUs die, and when, at a given lr.
 
-Trains All-CNN-C (GCN + ZCA on the first 3,000 training images, SGD momentum 0.9, weight decay
-1e-3) for a number of steps and prints, every 20 steps, the loss, the gradient norm and the
+Trains a network (All-CNN-C unless the spec says "net": "<family>/<variant>", e.g. "a/base") on
+GCN + ZCA of the first 3,000 training images (ALLCONV_PROBE_N to change), SGD momentum 0.9, weight
+decay 1e-3, for a number of steps and prints, every 20 steps, the loss, the gradient norm and the
 fraction of active units after each ReLU, for each JSON spec (keys of allconv.models.build, plus
 lr, steps, bs = batch size, warmup = linear warm-up steps, freeze_bias = keep hidden biases at 0,
-clip = gradient-norm clipping threshold, fan_out = Kaiming fan-out init, zero_final = zero class-layer
-weights, maxnorm = cap on every hidden filter's L2 norm after each step, as pylearn2's max_kernel_norm).
+clip = gradient-norm clipping threshold, cap = the project's update cap (clip to cap / lr),
+fan_out = Kaiming fan-out init, zero_final = zero class-layer weights, maxnorm = cap on every
+hidden filter's L2 norm after each step, as pylearn2's max_kernel_norm).
 
     python scripts/dying_relu_probe.py data/cifar10-jpeg-arrays.npz '{"lr":0.25,"final_bias":1.0}'
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -21,7 +24,7 @@ from allconv.models import build
 from allconv.preprocessing import ZCA, global_contrast_normalize
 
 torch.set_num_threads(2)
-d, n = np.load(sys.argv[1]), 3000
+d, n = np.load(sys.argv[1]), int(os.environ.get("ALLCONV_PROBE_N", 3000))
 x = global_contrast_normalize(torch.from_numpy(d["x_train"][:n]).permute(0, 3, 1, 2).reshape(n, -1).float())
 x = ZCA(0.1).fit(x).transform(x).reshape(-1, 3, 32, 32)
 y = torch.from_numpy(d["y_train"][:n])
@@ -30,9 +33,17 @@ for spec in sys.argv[2:]:
     lr, steps, bs = kw.pop("lr"), kw.pop("steps", 120), kw.pop("bs", 128)
     warmup, freeze_bias, clip = kw.pop("warmup", 0), kw.pop("freeze_bias", False), kw.pop("clip", None)
     fan_out, zero_final, maxnorm = kw.pop("fan_out", False), kw.pop("zero_final", False), kw.pop("maxnorm", None)
+    kw_pool_gain = kw.pop("pool_gain", False)
+    if "cap" in kw:
+        clip = kw.pop("cap") / lr
+    family, variant = kw.pop("net", "c/allcnn").split("/")
     torch.manual_seed(0)
-    net = build("c", "allcnn", width=kw.pop("width", 0.25), **kw)
-    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    net = build(family, variant, width=kw.pop("width", 0.25), **kw)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if kw_pool_gain:
+        from allconv.models import correct_pool_gain
+
+        correct_pool_gain(net)
     if fan_out:
         for m in convs:
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -43,7 +54,7 @@ for spec in sys.argv[2:]:
             m.bias.requires_grad_(False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-3)
     active: dict[int, float] = {}
-    for k, relu in enumerate(m for m in net if isinstance(m, torch.nn.ReLU)):
+    for k, relu in enumerate(m for m in net.modules() if isinstance(m, torch.nn.ReLU)):
         relu.register_forward_hook(lambda m, i, o, k=k, a=active: a.__setitem__(k, (o > 0).float().mean().item()))
     g = torch.Generator().manual_seed(0)
     for step in range(steps):

@@ -284,3 +284,56 @@ def test_initialisation_draws_in_forward_order(family, variant):
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
     for got, ref in zip(convs_of(net), flat, strict=True):
         assert torch.equal(got.weight, ref.weight)
+
+
+def _rms_into(net, name: str, x: torch.Tensor) -> float:
+    seen = {}
+    hook = dict(net.named_modules())[name].register_forward_hook(
+        lambda m, i, o: seen.__setitem__("rms", i[0].pow(2).mean().sqrt().item()))
+    with torch.no_grad():
+        net.eval()(x)
+    hook.remove()
+    return seen["rms"]
+
+
+@pytest.mark.parametrize("family, variant", models.all_networks())
+def test_pool_gain_scales_only_the_conv_after_each_max_pool_by_that_pools_gain(family, variant):
+    torch.manual_seed(0)
+    plain = models.build(family, variant, width=0.25, final_bias=1.0)
+    torch.manual_seed(0)
+    fixed = models.build(family, variant, width=0.25, final_bias=1.0, pool_gain=True)
+    p, q = plain.state_dict(), fixed.state_dict()
+    changed = sorted(k for k in p if not torch.equal(p[k], q[k]))
+    if variant in ("strided", "allcnn"):  # no max-pool: He init as before, bit for bit
+        assert changed == []
+        return
+    assert changed == ["block2.conv1.weight", "head.conv1.weight"]
+    noise = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # what correct_pool_gain probes
+    for pool, conv in (("block1.down", "block2.conv1"), ("block2.down", "head.conv1")):
+        seen = {}
+        hook = dict(plain.named_modules())[pool].register_forward_hook(
+            lambda m, i, o: seen.update(gain=(o.pow(2).mean() / i[0].pow(2).mean()).sqrt().item()))
+        with torch.no_grad():
+            plain.eval()(noise)
+        hook.remove()
+        assert 1.3 < seen["gain"] < 2.5  # the largest of nine rectified values is about twice their RMS
+        torch.testing.assert_close(q[f"{conv}.weight"], p[f"{conv}.weight"] / seen["gain"])
+
+
+@pytest.mark.parametrize("family", ["a", "b", "c"])
+@pytest.mark.parametrize("variant", ["base", "convpool"])
+def test_pool_gain_brings_the_class_layer_input_to_the_scale_of_the_pool_free_networks(family, variant):
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rms = {}
+    for key, v, gain in (("plain", variant, False), ("fixed", variant, True), ("strided", "strided", False)):
+        torch.manual_seed(0)
+        rms[key] = _rms_into(models.build(family, v, width=0.25, pool_gain=gain), "head.classes", x)
+    assert rms["plain"] > 2 * rms["fixed"]  # two pools, each ~1.5-2x: the logits of Model A start ~3x too large
+    assert rms["strided"] / 2.5 < rms["fixed"] < rms["strided"] * 1.5  # width 0.25: He init itself varies ~2x
+
+
+def test_pool_gain_is_on_by_default(compose_cfg):
+    from allconv import experiment
+
+    cfg = compose_cfg("model=model_a")
+    assert cfg.model.pool_gain is True and experiment.net_kwargs(cfg)["pool_gain"] is True

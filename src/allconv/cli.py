@@ -123,11 +123,12 @@ def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:
 class Preflight(Callback):
     """Run `check` (a dotted function name taking the job config) before any run folder exists."""
 
-    def __init__(self, check: str, output_key: str | None = "hydra.run.dir") -> None:
+    def __init__(self, check: str, output_key: str | None = "hydra.run.dir", run_folders: bool = False) -> None:
         from hydra.utils import get_method
 
         self.check: Callable[[DictConfig], None] = get_method(check)
         self.output_key = output_key
+        self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:
@@ -143,6 +144,10 @@ class Preflight(Callback):
 
             self.check(config)
             HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in the folder name resolves
+            if self.run_folders:
+                from allconv import run_folder
+
+                run_folder.check_single_run(config)
             if self.output_key and OmegaConf.select(config, self.output_key) is not None:
                 check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
 
@@ -150,9 +155,13 @@ class Preflight(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         def run() -> None:
+            from allconv import run_folder
+
             jobs = job_configs(config)
-            for job in jobs or ():
+            for num, job in enumerate(jobs or ()):
                 self.check(job)
+                if self.run_folders:
+                    run_folder.check_sweep_job(job, num)
             check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
 
         self._guarded(run)
@@ -197,13 +206,29 @@ def is_multirun() -> bool:
 
 def train_job(cfg: DictConfig) -> float | None:
     """One training job: the single place where its failures become a line, an exit status, a record."""
-    from allconv import experiment, models
+    from allconv import experiment, models, run_folder
     from allconv.callbacks import interrupted_as_error
 
     if cfg.print_config:
         print_config_tree(cfg)
     out = run_dir()
     try:
+        run_folder.hold(out)  # a second process training this run is refused before it writes anything
+    except AllConvError as e:
+        if is_multirun():
+            print(f"error: {e}", file=sys.stderr)
+            return None
+        fail(str(e), e.exit_code)
+    try:
+        if is_multirun():  # a relaunched sweep (or a requeued SLURM job) continues its own folder
+            plan = run_folder.plan_sweep_job(out)
+            if plan.note:
+                print(plan.note, file=sys.stderr, flush=True)
+            if plan.action == "skip":
+                error = plan.metrics.get("test_error")
+                return error if isinstance(error, float) else None
+            if plan.action == "resume":
+                cfg.ckpt_path = plan.ckpt_path
         with interrupted_as_error():  # Lightning's SIGTERMException (exit 0) -> Interrupted (exit 128+signum)
             metrics = experiment.train(cfg, out)
     except Exception as e:
@@ -226,5 +251,7 @@ def train_job(cfg: DictConfig) -> float | None:
         if not known:
             raise
         fail(message, e.exit_code)  # a signal stops a sweep too: the scheduler asked the whole process to stop
+    finally:
+        run_folder.release(out)
     print(f"test error {metrics['test_error']:.4f}  ->  {out / 'metrics.json'}")
     return metrics["test_error"]

@@ -87,7 +87,8 @@ def net_kwargs(cfg: DictConfig) -> dict:
     """The keyword arguments of models.build for this run (num_classes comes from the data)."""
     m = cfg.model
     return dict(family=m.family, variant=m.variant, width=m.width, dropout_input=m.dropout_input,
-                dropout_pool=m.dropout_pool, final_relu=m.final_relu, init=m.init, final_bias=m.final_bias)
+                dropout_pool=m.dropout_pool, final_relu=m.final_relu, init=m.init, final_bias=m.final_bias,
+                pool_gain=m.pool_gain)
 
 
 def build_datamodule(cfg: DictConfig) -> CIFARDataModule:
