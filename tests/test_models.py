@@ -312,7 +312,7 @@ def test_pool_gain_scales_only_the_conv_after_each_max_pool_by_that_pools_gain(f
     for pool, conv in (("block1.down", "block2.conv1"), ("block2.down", "head.conv1")):
         seen = {}
         hook = dict(plain.named_modules())[pool].register_forward_hook(
-            lambda m, i, o: seen.update(gain=(o.pow(2).mean() / i[0].pow(2).mean()).sqrt().item()))
+            lambda m, i, o, seen=seen: seen.update(gain=(o.pow(2).mean() / i[0].pow(2).mean()).sqrt().item()))
         with torch.no_grad():
             plain.eval()(noise)
         hook.remove()
