@@ -53,5 +53,21 @@ lr-study: $(STAMP) $(ARRAYS)  ## lrs 0.25-0.01 with the update cap, 0.05 without
 	  optim.lr=0.05 optim.max_update_norm=null $(ARGS)
 	$(BIN)/python src/report.py $(LR_STUDY) --curves --md docs/RESULTS.md --png docs/figures/lr_study_curves.png
 
+.PHONY: grid-cpu table-cpu
+GRID ?= multirun/grid_cpu
+grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> docs/RESULTS.md
+	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 hydra.sweep.dir=$(GRID)/cap_high $(ARGS)
+	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.05,0.01 hydra.sweep.dir=$(GRID)/cap_low $(ARGS)
+	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 optim.max_update_norm=null \
+	  hydra.sweep.dir=$(GRID)/nocap $(ARGS)
+	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --grid --md $(GRID)/grid.md --png docs/figures/grid_cpu.png
+
+TABLE ?= multirun/table_cpu
+table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> Table 1
+	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweep.dir=$(TABLE)/plain $(ARGS)
+	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweeper.params.model=all_cnn_c \
+	  data.augment=true hydra.sweep.dir=$(TABLE)/augmented $(ARGS)
+	$(BIN)/python src/report.py $(TABLE)/plain $(TABLE)/augmented --out $(TABLE)
+
 clean:  ## remove outputs (not the venv, not data)
 	rm -rf outputs multirun .pytest_cache

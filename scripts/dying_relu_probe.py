@@ -2,7 +2,7 @@
 
 Trains a network (All-CNN-C unless the spec says "net": "<family>/<variant>", e.g. "a/base") on
 GCN + ZCA of the first 3,000 training images (ALLCONV_PROBE_N to change), SGD momentum 0.9, weight
-decay 1e-3, for a number of steps and prints, every 20 steps, the loss, the gradient norm and the
+decay 1e-3, for a number of steps and prints, every 20 steps (ALLCONV_PROBE_EVERY), the loss, the gradient norm and the
 fraction of active units after each ReLU, for each JSON spec (keys of allconv.models.build, plus
 lr, steps, bs = batch size, warmup = linear warm-up steps, freeze_bias = keep hidden biases at 0,
 clip = gradient-norm clipping threshold, cap = the project's update cap (clip to cap / lr),
@@ -70,6 +70,6 @@ for spec in sys.argv[2:]:
             with torch.no_grad():
                 for m in convs[:-1]:
                     m.weight.mul_(maxnorm / m.weight.flatten(1).norm(dim=1).clamp(min=maxnorm)[:, None, None, None])
-        if step % 20 == 0 or step == steps - 1:
+        if step % int(os.environ.get("ALLCONV_PROBE_EVERY", 20)) == 0 or step == steps - 1:
             print(spec, step, f"loss {loss.item():.3f} grad norm {gnorm:.2f} active",
                   [round(active[k], 2) for k in sorted(active)], flush=True)
