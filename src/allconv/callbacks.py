@@ -42,8 +42,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
 
 
+# SIGTERM: a scheduler's stop (SLURM's preemption, `scontrol requeue`, the time limit); SIGINT: Ctrl+C; SIGUSR2:
+# submitit's time-limit/preemption signal (launchers.SlurmLauncher then lets submitit requeue the job); SIGUSR1:
+# Lightning's SLURM requeue signal, whose own handler saves from inside a step (see Preemption.setup).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues run_dir. Under submitit sys.argv[0] is submitit's _submit.py, not the script."""
+    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "train.py" else "src/train.py"
+    return f"python {shlex.quote(script)} resume={shlex.quote(str(run_dir))}"
+
+
 class Preemption(L.Callback):
-    """SIGTERM or SIGINT: stop at the next step boundary, save last.ckpt, end with Interrupted.
+    """SIGTERM, SIGINT, SIGUSR1 or SIGUSR2: stop at the next step boundary, save last.ckpt, end with Interrupted.
 
     Lightning 2.6 (its SignalConnector) turns SIGTERM into trainer.received_sigterm and raises
     SIGTERMException at the next boundary: after a training step (optimizer step and
@@ -53,6 +65,12 @@ class Preemption(L.Callback):
     same handler (instead of a KeyboardInterrupt in the middle of a step), on_exception saves
     last.ckpt, and interrupted_as_error() turns the SIGTERMException into Interrupted, whose
     message is the command that resumes the run. A second signal ends the process at once.
+
+    The USR signals take the same route, so every preemption signal of SLURM and submitit stops at a step
+    boundary with one checkpoint, and under DDP every rank stops at the same step (Lightning reduces the
+    flag across ranks at each step). Lightning's own SLURM auto-requeue (SIGUSR1: save hpc_ckpt_<n>.ckpt from
+    inside the signal handler, one step short of where the run stops, then `scontrol requeue`) is switched
+    off in setup(), before Lightning registers its handlers.
     """
 
     def __init__(self, run_dir: str | Path, dirpath: str | Path | None = None):
@@ -80,7 +98,7 @@ class Preemption(L.Callback):
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)
             lightning_handler(signal.SIGTERM, frame)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in PREEMPTION_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, handler)
 
@@ -110,6 +128,11 @@ class Preemption(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng = state_dict.get("rng")
+
+    def setup(self, trainer, pl_module, stage):
+        from allconv.lightning_private import disable_slurm_auto_requeue
+
+        disable_slurm_auto_requeue(trainer)
 
     def on_train_start(self, trainer, pl_module):
         import torch
@@ -144,7 +167,7 @@ class Preemption(L.Callback):
             return
         signum = self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
-        command = f"python {shlex.quote(sys.argv[0] or 'src/train.py')} resume={shlex.quote(str(self.run_dir))}"
+        command = resume_command(self.run_dir)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and not trainer.validating and not trainer.sanity_checking:
             steps = trainer.num_training_batches

@@ -1,6 +1,7 @@
 """Every place allconv overrides or patches a private name of Lightning (or of its W&B logger).
 
-Three things need it: a last.ckpt every epoch (ModelCheckpoint's internals), DDP ranks that relaunch
+Four things need it: a last.ckpt every epoch (ModelCheckpoint's internals), Lightning's SLURM auto-requeue
+turned off (its cluster environment), DDP ranks that relaunch
 one Hydra job instead of the whole command line (the subprocess launcher's command), and a W&B
 logger without the argument wandb deprecated. Each private name used here is checked by
 tests/test_lightning_private.py, which fails when Lightning changes it; pyproject.toml pins
@@ -31,6 +32,21 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module):
         pass  # saved at the end of the training epoch, after the module has checked the loss
+
+
+def disable_slurm_auto_requeue(trainer) -> None:
+    """Turn off Lightning's SLURM auto-requeue for this trainer (call before fit registers its signal handlers).
+
+    With SLURMEnvironment(auto_requeue=True), Lightning's default under SLURM, SIGUSR1 saves
+    hpc_ckpt_<n>.ckpt from inside its signal handler (mid-step: the resumed run ends one step short of an
+    uninterrupted one) and requeues; callbacks.Preemption handles SIGUSR1 like SIGTERM instead.
+    Private: Trainer._accelerator_connector.cluster_environment (the object the signal connector reads).
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
 
 
 class _HydraJobLauncher(subprocess_script._SubprocessScriptLauncher):

@@ -1,0 +1,105 @@
+"""hydra/launcher=slurm_cpu | slurm_gpu: hydra-submitit-launcher's SLURM launcher, with refusals and preemption
+made explicit. It lives here because Hydra instantiates launchers only from the hydra_plugins namespace; the
+helpers it uses are allconv.launchers'.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+
+from allconv.launchers import _SbatchErrors, refusal_message, submitit_signal
+
+
+def _job_dir(overrides) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return str(HydraConfig.get().runtime.output_dir)
+    except Exception:  # the job failed before Hydra set its config
+        return "its run folder"
+
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    """hydra-submitit-launcher's SLURM launcher (conf/hydra/launcher/slurm_cpu.yaml, slurm_gpu.yaml) plus:
+
+    - a submission sbatch refuses is one line naming sbatch's message and the hydra.launcher key to change,
+      exit 2 (submitit prints sbatch's text and raises a multi-line FailedJobError);
+    - inside a job, submitit's preemption signal (USR2, also sent `signal_delay_s` before the time limit) is
+      first a preemption of the run: callbacks.Preemption stops it at the next step boundary and saves
+      last.ckpt, train_job records it as interrupted and exits 128+USR2; only then is the signal handed to
+      submitit's own handler, which resubmits the same job (checkpoint(): same overrides, same job number, so
+      the same run folder) and requeues it. Without this, submitit's handler exits from inside a step and
+      nothing is saved. The requeued job finds last.ckpt in its folder and continues (run_folder.plan_sweep_job);
+    - a job started again by SLURM (scontrol requeue, or submitit's own requeue) says so in its log.
+
+    SIGTERM (scontrol requeue, a preemption by SLURM, the time limit itself) needs no hand-over: SLURM has
+    already requeued the job; the run saves and exits 143, and the requeued job continues the same way.
+    """
+
+    def launch(self, job_overrides, initial_job_idx):
+        import shutil
+
+        from submitit.core.utils import FailedJobError
+
+        from allconv.cli import fail
+        from allconv.errors import ConfigError
+
+        if shutil.which("sbatch") is None:
+            fail(str(ConfigError("hydra/launcher=slurm_*: sbatch is not on this machine's PATH; submit from a "
+                                 "SLURM login node, or use hydra/launcher=submitit_local here")), 2)
+        stderr = sys.stderr
+        sys.stderr = held = _SbatchErrors(stderr)
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        except FailedJobError as e:
+            if not held.held:  # a job that failed on the cluster (its error pickle), not a refused submission
+                raise
+            sys.stderr = stderr  # sbatch refused the array: nothing was queued
+            fail(str(ConfigError(refusal_message("".join(held.held) or str(e)))), 2)
+        finally:
+            sys.stderr = stderr
+
+    def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
+        import signal
+
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if restarts:
+            print(f"slurm: job {job} (sweep job {job_num}) started again after a requeue ({restarts} so far)",
+                  file=sys.stderr, flush=True)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and cpus.isdigit():  # task/none binds nothing: torch would use every core of the node
+            import torch
+
+            torch.set_num_threads(int(cpus))
+        preempt = submitit_signal()
+        try:
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        except SystemExit as stop:
+            if stop.code != 128 + preempt:  # not submitit's signal: SIGTERM's requeue is SLURM's own
+                raise
+            handler = signal.getsignal(preempt)  # submitit's, put back by Preemption once the run stopped
+            if not callable(handler):
+                raise
+            print(f"slurm: job {job}: run saved; handing {signal.Signals(preempt).name} to submitit to requeue it",
+                  file=sys.stderr, flush=True)
+            from submitit.core.utils import UncompletedJobError
+
+            try:
+                handler(preempt, None)  # rank 0: resubmit and `scontrol requeue`, then exit; other ranks return
+            except UncompletedJobError as e:  # timed out more than max_num_timeout times: the job ends here
+                from hydra.core.utils import JobReturn, JobStatus
+
+                print(f"error: slurm: job {job} not requeued ({e}); its run folder {_job_dir(sweep_overrides)} "
+                      f"holds the checkpoint: relaunch the sweep with the same hydra.sweep.dir, or raise "
+                      f"hydra.launcher.max_num_timeout", file=sys.stderr, flush=True)
+                ret = JobReturn(overrides=list(sweep_overrides), status=JobStatus.COMPLETED)
+                ret.return_value = None  # recorded as interrupted in its metrics.json; the sweep goes on
+                return ret
+            raise
