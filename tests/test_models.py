@@ -337,3 +337,26 @@ def test_pool_gain_is_on_by_default(compose_cfg):
 
     cfg = compose_cfg("model=model_a")
     assert cfg.model.pool_gain is True and experiment.net_kwargs(cfg)["pool_gain"] is True
+
+
+@pytest.mark.parametrize("family, variant", [("a", "convpool"), ("c", "allcnn")])
+def test_final_weights_zero_starts_every_class_map_at_the_final_bias(family, variant):
+    torch.manual_seed(0)
+    init = models.build(family, variant, width=0.25, final_bias=1.0)
+    torch.manual_seed(0)
+    zero = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="zero")
+    assert (zero.head.classes.weight == 0).all() and (init.head.classes.weight != 0).any()
+    assert (zero.head.classes.bias == 1.0).all()
+    a, b = init.state_dict(), zero.state_dict()  # the layers below are initialised as before
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head.classes.weight"))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(zero.eval()(x), torch.ones(8, 10))  # every class active, equal logits: loss ln 10
+    with pytest.raises(ValueError, match="unknown model.final_weights 'ones'; allowed: zero, init"):
+        models.build(family, variant, final_weights="ones")
+
+
+def test_final_weights_zero_is_the_default(compose_cfg):
+    from allconv import experiment
+
+    assert experiment.net_kwargs(compose_cfg())["final_weights"] == "zero"

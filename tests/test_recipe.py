@@ -78,10 +78,12 @@ def test_learning_rate_schedule_by_epoch(default_module):
 
 
 def test_he_initialisation_std(default_module):
-    """Each conv's weights ~ N(0, 2 / fan_in) (Kaiming normal, fan-in), within 10% of sqrt(2 / fan_in)."""
+    """Each hidden conv's weights ~ N(0, 2 / fan_in) (Kaiming normal, fan-in), within 10% of sqrt(2 / fan_in);
+    the class layer's start at zero (model.final_weights=zero, the default)."""
     cs = convs(default_module.net)
     assert len(cs) == 9
-    for c in cs:
+    assert torch.count_nonzero(cs[-1].weight).item() == 0
+    for c in cs[:-1]:
         fan_in = c.in_channels * c.kernel_size[0] * c.kernel_size[1]
         want = math.sqrt(2.0 / fan_in)
         got = c.weight.detach().std().item()

@@ -89,8 +89,8 @@ def test_a_changed_sweep_is_refused_before_anything_is_written(relaunched):
     rc, out, err = run_cli(*sweep_args(data, sweep, width=0.25), cwd=tmp)  # the width is not in the folder name
     assert rc == 2
     line = only_line(err)
-    assert line.startswith(f"error: job 0's folder '{job(sweep, 0)}' holds another run (overrides differ: "
-                           f"model.width=0.125, model.width=0.25)"), line
+    assert line.startswith(f"error: job 0's folder '{job(sweep, 0)}' holds another run (its config: model.width "
+                           f"0.125 vs 0.25)"), line
     assert snapshot(sweep) == everything
 
 

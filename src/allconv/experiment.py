@@ -88,7 +88,7 @@ def net_kwargs(cfg: DictConfig) -> dict:
     m = cfg.model
     return dict(family=m.family, variant=m.variant, width=m.width, dropout_input=m.dropout_input,
                 dropout_pool=m.dropout_pool, final_relu=m.final_relu, init=m.init, final_bias=m.final_bias,
-                pool_gain=m.pool_gain)
+                final_weights=m.final_weights, pool_gain=m.pool_gain)
 
 
 def build_datamodule(cfg: DictConfig) -> CIFARDataModule:

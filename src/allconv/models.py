@@ -22,6 +22,7 @@ from torch import nn
 FAMILIES: dict[str, tuple[int, ...]] = {"a": (5,), "b": (5, 1), "c": (3, 3)}
 VARIANTS = ("base", "strided", "convpool", "allcnn")
 INITS = ("he", "xavier", "default")
+FINAL_WEIGHTS = ("zero", "init")  # the class layer's initial weights: zero, or as model.init
 # The paper's names, for tables and run names.
 NAMES = {"base": "Model {F}", "strided": "Strided-CNN-{F}", "convpool": "ConvPool-CNN-{F}", "allcnn": "All-CNN-{F}"}
 # Hydra option name of each network: conf/model/<key>.yaml
@@ -103,6 +104,7 @@ def build(
     final_relu: bool = True,
     init: str = "he",
     final_bias: float = 0.0,
+    final_weights: str = "init",
     pool_gain: bool = False,
     in_channels: int = 3,
 ) -> nn.Sequential:
@@ -113,7 +115,9 @@ def build(
     num_classes. final_relu keeps the paper's ReLU after the class layer. init is "he"
     (Kaiming normal, fan-in), "xavier" or "default" (PyTorch's own); final_bias is the class
     layer's initial bias. With the final ReLU on, a positive final_bias starts every class map in
-    the ReLU's linear region, so no class starts dead (see README, "Why it trains"). pool_gain
+    the ReLU's linear region, so no class starts dead (see README, "Why it trains"); final_weights
+    "zero" starts the class layer's weights at zero, so every class map starts at exactly final_bias
+    whatever the input (the class layer learns first; the layers below from the next step). pool_gain
     divides the conv after each max-pool by the pool's gain (correct_pool_gain), so that He init
     keeps the signal's scale through the max-pooling networks too; it leaves the others untouched.
     """
@@ -125,6 +129,8 @@ def build(
             raise ValueError(f"model.{name} must be in [0, 1), got {p!r}")
     if init not in INITS:
         raise ValueError(f"unknown model.init {init!r}; allowed: {', '.join(INITS)}")
+    if final_weights not in FINAL_WEIGHTS:
+        raise ValueError(f"unknown model.final_weights {final_weights!r}; allowed: {', '.join(FINAL_WEIGHTS)}")
     if not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
@@ -148,6 +154,8 @@ def build(
     top.update((name, nn.Sequential(layers)) for name, layers in groups.items())
     net = nn.Sequential(top)
     _initialise(net, init, final_bias)
+    if final_weights == "zero":
+        nn.init.zeros_(net.head.classes.weight)
     if pool_gain:
         correct_pool_gain(net)
     return net

@@ -14,7 +14,8 @@ A single run (`python src/train.py`) may only start in a new folder, or continue
 same sweep into its folder (`hydra.sweep.dir=<dir>`) skips the jobs that finished, continues the
 interrupted ones from their last.ckpt and runs the rest. That is also how a requeued SLURM job
 finds its work. The pre-flight checks that each job's folder, if it holds a run, holds this job
-(the same overrides), so a changed sweep cannot continue another job's checkpoint.
+(the same composed config), so a changed sweep, or changed defaults, cannot continue another
+job's checkpoint.
 
 hold() takes an exclusive lock on the folder (flock on the directory itself: no lock file is
 written into the run) for as long as the process trains it, so two resumes of one run cannot both
@@ -119,22 +120,37 @@ def sweep_job_dir(job: DictConfig, num: int) -> Path:
     return Path(str(job.hydra.sweep.dir)) / str(job.hydra.sweep.subdir)
 
 
+def _flat(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
 def check_sweep_job(job: DictConfig, num: int) -> None:
-    """MULTIRUN, before the first job starts: a job's folder that holds a run holds this same job."""
+    """MULTIRUN, before the first job starts: a job's folder that holds a run holds this same job.
+
+    The same job is the same composed config (.hydra/config.yaml, unresolved), not only the same
+    overrides: a default changed since the folder was made also makes it another run.
+    """
     run_dir = sweep_job_dir(job, num)
     if state(run_dir) == "new":
         return
-    saved_path = run_dir / ".hydra" / "overrides.yaml"
+    mine = _flat(OmegaConf.to_container(job, resolve=False))
+    mine = {k: v for k, v in mine.items() if not k.startswith("hydra.")}
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=False)
     except Exception:  # absent, not YAML: the folder is not this job's
         saved = None
-    mine = list(job.hydra.overrides.task)
-    if not isinstance(saved, list) or sorted(map(str, saved)) != sorted(mine):
-        differ = sorted(set(map(str, saved or [])) ^ set(mine))
-        raise ConfigError(f"job {num}'s folder {str(run_dir)!r} holds another run "
-                          f"(overrides differ: {', '.join(differ[:4]) or 'no .hydra/overrides.yaml'}); relaunch "
-                          f"the sweep with its own overrides, or choose another hydra.sweep.dir")
+    saved = _flat(saved) if isinstance(saved, dict) else {}
+    differ = sorted(k for k in mine.keys() | saved.keys() if mine.get(k, "<unset>") != saved.get(k, "<unset>"))
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k, '<unset>')} vs {mine.get(k, '<unset>')}" for k in differ[:3]) \
+            if saved else "no .hydra/config.yaml"
+        raise ConfigError(f"job {num}'s folder {str(run_dir)!r} holds another run (its config: {shown}); relaunch "
+                          f"the sweep with its own settings, or choose another hydra.sweep.dir")
 
 
 class Plan(NamedTuple):
