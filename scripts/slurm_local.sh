@@ -35,6 +35,7 @@ stop() {
   for pidfile in /run/slurmctld.pid /run/slurmd.pid /run/munge/munged.pid; do
     if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
   done
+  for _ in $(seq 60); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
   say "stopped"
 }
 
@@ -70,8 +71,8 @@ chmod 0400 /etc/munge/munge.key
 install -d -o munge -g munge -m 0755 /run/munge
 install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  pkill_pid=$(cat /run/munge/munged.pid 2>/dev/null || true)
-  [ -n "$pkill_pid" ] && kill "$pkill_pid" 2>/dev/null || true
+  old=$(cat /run/munge/munged.pid 2>/dev/null || true)
+  if [ -n "$old" ]; then kill "$old" 2>/dev/null || true; fi
   runuser -u munge -- /usr/sbin/munged
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.2; done
   munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
@@ -101,6 +102,8 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$LOG/jobcomp.log
 JobRequeue=1
+# A job that can never run on this node (more cores, memory or GPUs than it has) is refused by sbatch.
+EnforcePartLimits=ALL
 ReturnToService=2
 SlurmdParameters=config_overrides
 # The scheduler's SIGTERM -> SIGKILL grace: a step and a checkpoint must fit in it.
@@ -116,7 +119,7 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 
-pgrep -x slurmctld >/dev/null || slurmctld
+if scontrol ping >/dev/null 2>&1; then scontrol reconfigure >/dev/null 2>&1 || true; else slurmctld; fi
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 60); do node_up && break; sleep 0.5; done
 if ! node_up; then

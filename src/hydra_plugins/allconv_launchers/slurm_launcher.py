@@ -23,6 +23,17 @@ def _job_dir(overrides) -> str:
 
 
 
+# conf/train.yaml's job_logging=disabled keeps local runs quiet; a cluster job's log must say when it was
+# signalled and requeued: submitit's and Lightning's own lines go to the job's .err file as well.
+JOB_LOGGING = {
+    "formatters": {"allconv_slurm": {"format": "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"}},
+    "handlers": {"allconv_slurm": {"class": "logging.StreamHandler", "formatter": "allconv_slurm",
+                                   "stream": "ext://sys.stderr"}},
+    "loggers": {name: {"level": "INFO", "handlers": ["allconv_slurm"], "propagate": False}
+                for name in ("submitit", "lightning.pytorch")},
+}
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher (conf/hydra/launcher/slurm_cpu.yaml, slurm_gpu.yaml) plus:
 
@@ -80,7 +91,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             torch.set_num_threads(int(cpus))
         preempt = submitit_signal()
         try:
-            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+            return self._run_job(sweep_overrides, job_dir_key, job_num, singleton_state)
         except SystemExit as stop:
             if stop.code != 128 + preempt:  # not submitit's signal: SIGTERM's requeue is SLURM's own
                 raise
@@ -103,3 +114,24 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 ret.return_value = None  # recorded as interrupted in its metrics.json; the sweep goes on
                 return ret
             raise
+
+    def _run_job(self, sweep_overrides, job_dir_key, job_num, singleton_state):
+        """The plugin's __call__ (compose the job, run it), with what a cluster job needs set in its config."""
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import run_job, setup_globals
+        from omegaconf import OmegaConf, open_dict
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
+        with open_dict(config):
+            config.hydra.job.id = submitit.JobEnvironment().job_id
+            config.hydra.job.num = job_num
+            config.hydra.job_logging = OmegaConf.merge(config.hydra.job_logging, JOB_LOGGING)
+            # The ZCA fit is cached where every node of the sweep sees it, so it is fitted once: the sweep folder
+            # is such a place (submitit exchanges its pickles through it); $ALLCONV_CACHE or data.cache_dir win.
+            config.hydra.job.env_set.setdefault(
+                "ALLCONV_CACHE", os.environ.get("ALLCONV_CACHE") or f"{config.hydra.sweep.dir}/.zca-cache")
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
+                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
