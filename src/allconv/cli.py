@@ -25,7 +25,8 @@ from allconv.errors import AllConvError, ConfigError
 # Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
 for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
                  ".*does not have many workers.*", ".*exists and is not empty.*",
-                 ".*is not supported by the model summary.*"):
+                 ".*is not supported by the model summary.*",
+                 ".*The `srun` command is available on your system but is not used.*"):  # jobs go through submitit
     warnings.filterwarnings("ignore", message=_pattern)
 # conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name on purpose (the documented command gets
 # allconv's launcher); Hydra checks it against the plugin's schema and warns that it does so.
