@@ -55,19 +55,19 @@ lr-study: $(STAMP) $(ARRAYS)  ## lrs 0.25-0.01 with the update cap, 0.05 without
 
 .PHONY: grid-cpu table-cpu
 GRID ?= multirun/grid_cpu
-grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> docs/RESULTS.md
+grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> $(GRID)/cells.md
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 hydra.sweep.dir=$(GRID)/cap_high $(ARGS)
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.05,0.01 hydra.sweep.dir=$(GRID)/cap_low $(ARGS)
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 optim.max_update_norm=null \
 	  hydra.sweep.dir=$(GRID)/nocap $(ARGS)
-	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --grid --md $(GRID)/grid.md --png docs/figures/grid_cpu.png
+	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --curves --md $(GRID)/cells.md --no-plot
 
 TABLE ?= multirun/table_cpu
-table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> Table 1
+table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> $(TABLE)/plain/report.md
 	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweep.dir=$(TABLE)/plain $(ARGS)
 	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweeper.params.model=all_cnn_c \
 	  data.augment=true hydra.sweep.dir=$(TABLE)/augmented $(ARGS)
-	$(BIN)/python src/report.py $(TABLE)/plain $(TABLE)/augmented --out $(TABLE)
+	$(BIN)/python src/report.py $(TABLE)/plain --out $(TABLE)/plain   # the augmented run: $(TABLE)/augmented/*/metrics.json
 
 clean:  ## remove outputs (not the venv, not data)
 	rm -rf outputs multirun .pytest_cache

@@ -191,7 +191,8 @@ def correct_pool_gain(net: nn.Module, probe: torch.Tensor | None = None) -> list
         return []
     if probe is None:
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randn(64, leaves_in_channels(leaves), 32, 32, generator=generator)
+        in_channels = next(m for m in leaves if isinstance(m, nn.Conv2d)).in_channels
+        probe = torch.randn(64, in_channels, 32, 32, generator=generator)
     rms: dict[int, tuple[float, float]] = {}
 
     def measure(i: int):
@@ -215,10 +216,6 @@ def correct_pool_gain(net: nn.Module, probe: torch.Tensor | None = None) -> list
             conv.weight.div_(gain)
         gains.append(gain)
     return gains
-
-
-def leaves_in_channels(leaves: list[nn.Module]) -> int:
-    return next(m for m in leaves if isinstance(m, nn.Conv2d)).in_channels
 
 
 def count_params(net: nn.Module) -> int:

@@ -54,8 +54,9 @@ def expand_argv(argv: list[str]) -> list[str]:
     except CheckpointError as e:
         raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
                           f"(or restore an earlier copy of last.ckpt)") from None
-    metrics = run / "metrics.json"
-    if metrics.is_file() and '"status": "ok"' in metrics.read_text():
+    from allconv.run_folder import finished_metrics
+
+    if finished_metrics(run) is not None:
         raise ResumeError(f"resume={run}: the run already finished (metrics.json); nothing to resume")
     from omegaconf import OmegaConf
 
