@@ -8,7 +8,7 @@ JPEG    ?= ../shared/data/cifar10-jpeg.npz
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-jpeg test test-slow lint bench data-jpeg lr-study clean
+.PHONY: help install train train-jpeg test test-slow test-slurm slurm lint bench data-jpeg lr-study clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each 
 test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h timeout per test)
 	$(BIN)/python -m pytest -q -m slow --timeout 3600 $(ARGS)
 
+slurm:  ## install (apt, as root) and start a one-node SLURM cluster on this machine (scripts/slurm_local.sh)
+	$(if $(filter 0,$(shell id -u)),,sudo) bash scripts/slurm_local.sh
+
+test-slurm: $(STAMP) slurm  ## the SLURM checks on that cluster: requeue, USR2, DDP, a refused submission (~8 min)
+	ALLCONV_SLURM_REQUIRED=1 $(BIN)/python -m pytest -q -m slurm -o addopts="-ra --strict-markers" $(ARGS)
+
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check src tests benchmarks scripts
 
@@ -55,12 +61,12 @@ lr-study: $(STAMP) $(ARRAYS)  ## lrs 0.25-0.01 with the update cap, 0.05 without
 
 .PHONY: grid-cpu table-cpu
 GRID ?= multirun/grid_cpu
-grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> $(GRID)/cells.md
+grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> $(GRID)/grid.md, grid.png
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 hydra.sweep.dir=$(GRID)/cap_high $(ARGS)
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.05,0.01 hydra.sweep.dir=$(GRID)/cap_low $(ARGS)
 	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 optim.max_update_norm=null \
 	  hydra.sweep.dir=$(GRID)/nocap $(ARGS)
-	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --curves --md $(GRID)/cells.md --no-plot
+	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --grid --md $(GRID)/grid.md --png $(GRID)/grid.png
 
 TABLE ?= multirun/table_cpu
 table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> $(TABLE)/plain/report.md

@@ -36,6 +36,18 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert ckpt["global_step"] == 128 // 2 // 32  # each rank stepped through its half of the data
 
 
+def test_ddp_with_the_default_progress_bar_reaches_the_end(tmp_path):
+    """The rich bar lives on rank 0 only and reads the epoch's metrics there: nothing it reads may need a collective
+    (a reduction that rank 1 never joins hangs both ranks at the first epoch end)."""
+    data = write_npz(tmp_path / "data.npz", n_train=128, n_test=32)
+    run = tmp_path / "run"
+    quiet = [o for o in TINY if "progress_bar" not in o]
+    rc, out, err = run_cli(*quiet, *DDP, "trainer.max_epochs=2", "callbacks.progress_bar=rich", "data=npz",
+                           f"data.path={data}", f"hydra.run.dir={run}", cwd=tmp_path, timeout=240)
+    assert rc == 0, err[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
 def test_ddp_inside_a_two_job_multirun(tmp_path):
     """Each job starts its own rank 1 (not the whole sweep again) and writes its own metrics.json."""
     data = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)

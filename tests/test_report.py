@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from allconv import report
+from allconv.report import curves, pages, runs, table
 
 
 def write_run(root: Path, model: str, lr: float, seed: int, test: float | None = None, val: float | None = None,
@@ -45,11 +46,11 @@ def test_lr_selected_on_test_with_failed_incomplete_and_missing_runs(tmp_path):
     write_run(sweep, "model_a", 0.05, 1, status="incomplete")  # killed: .hydra but no metrics.json
     bad = write_run(sweep, "model_a", 0.25, 0, test=0.1)
     (bad / "metrics.json").write_text('{"status": "ok", "test_er')  # torn file from a dead disk
-    text, out = report.report([sweep])
+    text, out = table.report([sweep])
 
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     c = [c.strip() for c in rows["All-CNN-C"].split("|")]
-    assert c[2].startswith("0.1") and c[3] == report.ON_TEST and c[4] == "0, 1"
+    assert c[2].startswith("0.1") and c[3] == table.ON_TEST and c[4] == "0, 1"
     assert c[5] == "21.00 ± 1.41" and c[6] == "9.08" and c[7] == "11.17" and c[8] == "1,000" and c[9] == "1.5 min"
     a = [c.strip() for c in rows["Model A"].split("|")]
     assert a[2].startswith("0.05") and a[5] == "40.00"  # one seed: no std
@@ -66,11 +67,11 @@ def test_lr_selected_on_validation_when_runs_have_a_split(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep, "all_cnn_c", 0.1, 0, test=0.20, val=0.40)  # best on test, worse on validation
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.25, val=0.30)
-    text, _ = report.report([sweep], plot=False)
+    text, _ = table.report([sweep], plot=False)
     row = next(line for line in text.splitlines() if line.startswith("| All-CNN-C"))
     cells = [c.strip() for c in row.split("|")]
     assert cells[2].startswith("0.05") and cells[3] == "validation" and cells[5] == "25.00"
-    assert report.ON_TEST not in text
+    assert table.ON_TEST not in text
 
 
 def test_reference_table_matches_paper_md():
@@ -78,9 +79,9 @@ def test_reference_table_matches_paper_md():
     if not paper_md.is_file():
         pytest.skip("PAPER.md not here")
     text = paper_md.read_text()
-    for model, (paper, review) in report.REFERENCE.items():
+    for model, (paper, review) in runs.REFERENCE.items():
         assert f"| {paper:.2f}% | {review:.2f}% |" in text, model
-    assert report.ORDER == list(report.REFERENCE)
+    assert runs.ORDER == list(runs.REFERENCE)
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])
@@ -159,7 +160,7 @@ def study(tmp_path_factory):
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     md, png = root / "docs" / "RESULTS.md", root / "docs" / "figures" / "lr_study_curves.png"
     figure_text = []
-    original = report._save
+    original = pages.save_figure
 
     def save(fig, path):  # what the figure says, read from its text artists before it is written
         figure_text.append("\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text)))
@@ -167,7 +168,7 @@ def study(tmp_path_factory):
         original(fig, path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "_save", save)
+        mp.setattr(curves, "save_figure", save)
         rc = report.main([str(sweep), "--curves", "--md", str(md), "--png", str(png)])
     assert rc == 0
     return {"sweep": sweep, "md": md, "png": png, "text": md.read_text(), "figure_text": figure_text[0],
@@ -215,7 +216,7 @@ def test_curves_findings_come_from_the_numbers(study):
 
 def test_curves_say_when_no_run_died(tmp_path):
     write_study_run(tmp_path / "sweep", 0, 0.05, 0.125, LEARNS, test=0.3)
-    text, _ = report.curves_report([tmp_path / "sweep"], plot=False)
+    text, _ = curves.curves_report([tmp_path / "sweep"], plot=False)
     assert "- No run died: none ended at chance by the rule above." in text
 
 
@@ -243,11 +244,11 @@ def test_curves_page_and_figure_say_what_was_run(study):
 def test_curves_page_keeps_its_hand_written_part(study, tmp_path):
     md = tmp_path / "RESULTS.md"
     hand = "\nWhy lr 0.25 dies: see above.\n"
-    generated = study["text"].split(report.KEEP_MARKER)[0].replace("| 1_lr0.1", "| stale")
-    md.write_text(generated + report.KEEP_MARKER + hand)
+    generated = study["text"].split(pages.KEEP_MARKER)[0].replace("| 1_lr0.1", "| stale")
+    md.write_text(generated + pages.KEEP_MARKER + hand)
     assert report.main([str(study["sweep"]), "--curves", "--md", str(md), "--no-plot"]) == 0
     text = md.read_text()
-    assert text.endswith(report.KEEP_MARKER + hand) and text.count(report.KEEP_MARKER) == 1
+    assert text.endswith(pages.KEEP_MARKER + hand) and text.count(pages.KEEP_MARKER) == 1
     assert "| stale" not in text and "| 1_lr0.1_cap0.125 |" in text
     assert "| 2_lr0.05_cap0.125 |" in text and "![learning curves]" not in text
 
@@ -264,11 +265,11 @@ def test_curves_page_keeps_its_hand_written_part(study, tmp_path):
 def test_died_at_rule(curve, expected):
     series = {"train/loss": {e: lo for e, (_, lo, _) in enumerate(curve)},
               "train/acc": {e: a for e, (_, _, a) in enumerate(curve)}}
-    assert report.died_at(series, 10) == expected
+    assert curves.died_at(series, 10) == expected
 
 
 def test_table1_keeps_runs_apart_that_differ_only_in_the_cap(study, tmp_path):
-    text, _ = report.report([study["sweep"]], out=tmp_path, plot=False)
+    text, _ = table.report([study["sweep"]], out=tmp_path, plot=False)
     row = table_rows(text)["All-CNN-C"]
     assert row[2] == "0.1, cap 0.125 (of 5)" and row[3] == "validation" and row[4] == "0" and row[5] == "29.00"
     assert "| 0.001, cap 0.125 | 0 | incomplete |" in text
@@ -280,19 +281,19 @@ def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.30, val=0.31, max_update_norm=0.125)
     plain = write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
     assert not (plain / ".hydra" / "config.yaml").exists()
-    text, _ = report.report([sweep], plot=False)
+    text, _ = table.report([sweep], plot=False)
     assert table_rows(text)["All-CNN-C"][2:6] == ["0.05, cap 0.125 (of 2)", "validation", "0", "30.00"]
     assert "update cap 0.125 or none" in text
 
 
 def test_table1_chart_and_header_state_the_settings(tmp_path, monkeypatch):
     drawn = []
-    original = report._save
-    monkeypatch.setattr(report, "_save", lambda fig, path: (drawn.append(
+    original = pages.save_figure
+    monkeypatch.setattr(table, "save_figure", lambda fig, path: (drawn.append(
         " ".join(" ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text)).split())), original(fig, path)))
     sweep = tmp_path / "sweep"
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.3)
-    text, _ = report.report([sweep])
+    text, _ = table.report([sweep])
     label = ("Not the paper's setting: width 0.25, 1 epoch, arrays file (the paper: width 1, 350 epochs, CIFAR-10, "
              "no augmentation).")
     assert f"**{label}**" in text.splitlines()[2]
@@ -305,11 +306,11 @@ def test_settings_label_says_when_runs_match_the_paper(tmp_path):
     cfg["model"]["width"], cfg["data"] = 1.0, {"source": "cifar10", "preprocess": "gcn_zca", "val_size": 0,
                                                "augment": False}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert report.settings_label([report.read_run(run)]) == ("The paper's setting (width 1, 350 epochs, CIFAR-10, "
+    assert runs.settings_label([runs.read_run(run)]) == ("The paper's setting (width 1, 350 epochs, CIFAR-10, "
                                                              "no augmentation).")
     cfg["data"]["augment"] = True
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert report.settings_label([report.read_run(run)]).startswith(
+    assert runs.settings_label([runs.read_run(run)]).startswith(
         "Not the paper's setting: augmentation (flips, translations) (the paper:")
 
 

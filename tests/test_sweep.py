@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from allconv import cli, report
+from allconv.report import runs, table
 from conftest import CONF, last_line, run_cli, write_npz
 
 TINY = ["data=npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=1", "data.batch_size=32",
@@ -55,7 +56,7 @@ def test_2x2_multirun_one_metrics_json_per_job_failed_jobs_recorded(grid):
 def test_report_over_the_multirun(grid, tmp_path):
     assert report.main([str(grid), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
-    assert "| Model A | 0.05 (of 1) |" in text and "| All-CNN-C | 0.05 (of 1) |" in text and report.ON_TEST in text
+    assert "| Model A | 0.05 (of 1) |" in text and "| All-CNN-C | 0.05 (of 1) |" in text and table.ON_TEST in text
     assert "2 finished, 2 failed or incomplete, 0 grid cells missing" in text
     assert text.count("| failed | non-finite loss") == 2
     assert (tmp_path / "report.png").stat().st_size > 5000
@@ -83,5 +84,5 @@ def test_paper_grid_preset_is_the_48_runs():
         # the jobs as the launcher composes them (what the pre-flight checks before the first starts)
         jobs = [(j.hydra.runtime.choices.model, j.optim.lr, j.seed) for j in cli.job_configs(cfg)]
     assert len(jobs) == len(set(jobs)) == 48
-    assert {m for m, _, _ in jobs} == set(report.REFERENCE) and {lr for _, lr, _ in jobs} == {0.25, 0.1, 0.05, 0.01}
+    assert {m for m, _, _ in jobs} == set(runs.REFERENCE) and {lr for _, lr, _ in jobs} == {0.25, 0.1, 0.05, 0.01}
     assert {s for _, _, s in jobs} == {1}

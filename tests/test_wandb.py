@@ -17,7 +17,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from allconv import report
+from allconv.report import runs
 from conftest import CONF, run_cli, write_npz
 
 BLOCK = 32768  # the .wandb file: a leveldb-style log of protobuf Records in 32 KiB blocks
@@ -139,7 +139,7 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
     assert spec["method"] == "grid" and spec["program"] == "src/train.py"
     cells = grid_cells(spec)
     assert len(cells) == 48
-    assert {c["model"] for c in cells} == set(report.REFERENCE) and {c["optim.lr"] for c in cells} == {0.25, 0.1, 0.05,
+    assert {c["model"] for c in cells} == set(runs.REFERENCE) and {c["optim.lr"] for c in cells} == {0.25, 0.1, 0.05,
                                                                                                        0.01}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for cell in cells:

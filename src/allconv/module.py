@@ -103,10 +103,12 @@ class AllConvModule(L.LightningModule):
         self._log_lr()
 
     def _log_lr(self) -> None:
+        # The same on every rank, so not reduced: a reduction here would be a collective that only rank 0's
+        # progress bar triggers (it reads the epoch's metrics before the module's epoch end), a DDP deadlock.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("lr", lr, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("lr", lr, on_step=False, on_epoch=True, rank_zero_only=True)
         if self.max_update_norm is not None:  # the lr changes only between epochs: one threshold per epoch
-            self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True, sync_dist=True)
+            self.log("optim/clip_norm", self.max_update_norm / lr, on_step=False, on_epoch=True, rank_zero_only=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The epoch's running sums, for a checkpoint written mid-epoch (callbacks.Preemption)."""

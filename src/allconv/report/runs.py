@@ -1,0 +1,262 @@
+"""Run folders as records: what each run was (model, lr, cap, seed, settings) and how it ended.
+
+Every run folder below the given folders is read: one with metrics.json status "ok" and a finite
+test error counts; one with status "failed", no metrics.json (killed, still running) or an
+unreadable or malformed one is listed, never crashed on and never ranked. A run's settings come
+from its metrics.json and its Hydra .hydra/config.yaml (read as YAML data, nothing resolved), so
+runs that share model and lr but not the update cap (optim.max_update_norm) stay apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from allconv import models
+from allconv.errors import ReportError
+
+# Test error (%) on CIFAR-10 without augmentation: the paper's Table 1 and the replication review's
+# runs (PAPER.md, "Reference results"). Keys are the Hydra option names, rows in the paper's order.
+REFERENCE: dict[str, tuple[float, float]] = {
+    "model_a": (12.47, 15.16), "strided_cnn_a": (13.46, 18.23), "convpool_cnn_a": (10.21, 11.44),
+    "all_cnn_a": (10.30, 12.47),
+    "model_b": (10.20, 13.52), "strided_cnn_b": (10.98, 15.56), "convpool_cnn_b": (9.33, 11.84),
+    "all_cnn_b": (9.10, 11.84),
+    "model_c": (9.74, 11.11), "strided_cnn_c": (10.19, 12.91), "convpool_cnn_c": (9.31, 11.09),
+    "all_cnn_c": (9.08, 11.17),
+}
+ORDER = [models.config_name(f, v) for f, v in models.all_networks()]
+# The paper's training setting; a setting missing from a run's files is not compared.
+PAPER = {"width": 1.0, "epochs": 350, "data": "CIFAR-10", "preprocess": "gcn_zca", "augment": False,
+         "held_out": 0, "cap": None}
+PAPER_TEXT = "width 1, 350 epochs, CIFAR-10, no augmentation"
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str                      # ok | failed | incomplete | unreadable
+    model: str | None = None
+    lr: float | None = None
+    seed: int | None = None
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+    config: dict = field(default_factory=dict)   # .hydra/config.yaml, {} when absent
+
+    @property
+    def network(self) -> str:
+        """The paper's name (All-CNN-C), from metrics.json or the saved config, else the model option."""
+        m = self.config.get("model") or {}
+        if self.metrics.get("network"):
+            return self.metrics["network"]
+        if m.get("variant") in models.NAMES and isinstance(m.get("family"), str):
+            return models.paper_name(m["family"], m["variant"])
+        return self.model or "?"
+
+    @property
+    def cap(self) -> float | None:
+        """optim.max_update_norm (saved config, else metrics.json); None for plain SGD or when not recorded."""
+        optim = self.config.get("optim")
+        return optim.get("max_update_norm") if isinstance(optim, dict) else self.metrics.get("max_update_norm")
+
+
+def _from_saved_overrides(run_dir: Path) -> dict:
+    """model, lr and seed of a run with no usable metrics.json, from Hydra's saved overrides."""
+    out = {}
+    try:
+        lines = (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        key, _, value = line.lstrip("- ").partition("=")
+        try:
+            if key == "model":
+                out["model"] = value
+            elif key == "optim.lr":
+                out["lr"] = float(value)
+            elif key == "seed":
+                out["seed"] = int(value)
+        except ValueError:
+            pass
+    return out
+
+
+def _saved_config(run_dir: Path) -> dict:
+    try:
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    sections = ("model", "data", "trainer", "optim")  # what the report reads, each a mapping or ignored whole
+    if any(cfg.get(k) is not None and not isinstance(cfg[k], dict) for k in sections):
+        return {}
+    cap = (cfg.get("optim") or {}).get("max_update_norm")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)):
+        return {}
+    return cfg
+
+
+def _number(m: dict, key: str, low: float = -math.inf, high: float = math.inf):
+    """m[key] when it is a finite number in [low, high] (None when absent); ValueError naming the key otherwise."""
+    v = m.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+        raise ValueError(f"{key}={v!r} is not a finite number in [{low:g}, {high:g}]")
+    return v
+
+
+def _checked(m) -> dict:
+    """metrics.json's fields this report reads, with the types it reads them as; ValueError names the first bad one."""
+    if not isinstance(m, dict):
+        raise ValueError(f"holds a {type(m).__name__}, not an object")
+    for key in ("status", "model", "network", "error", "data", "family", "variant", "preprocess"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise ValueError(f"{key}={m[key]!r} is not a string")
+    if m.get("seed") is not None and (isinstance(m["seed"], bool) or not isinstance(m["seed"], int)):
+        raise ValueError(f"seed={m['seed']!r} is not an integer")
+    _number(m, "lr", 0, math.inf)
+    _number(m, "max_update_norm", 0, math.inf)
+    for key in ("wall_time_s", "params", "epochs", "width"):
+        _number(m, key, 0)
+    for key in ("test_error", "val_error"):
+        _number(m, key, 0, 1)
+    return m
+
+
+def _read_run(run_dir: Path) -> Run:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        saved = _from_saved_overrides(run_dir)
+        return Run(run_dir, "incomplete", saved.get("model"), saved.get("lr"), saved.get("seed", 0),
+                   error="no metrics.json (killed or still running; resume with `python src/train.py resume=DIR`)")
+    try:  # NaN and Infinity parse (json's extension) and are refused by _checked: never ranked
+        m = _checked(json.loads(path.read_text()))
+        status = m.get("status", "ok")
+        run = Run(run_dir, status if status in ("ok", "failed") else "failed", m.get("model"),
+                  float(m["lr"]) if m.get("lr") is not None else None, int(m.get("seed", 0)), m, m.get("error", ""))
+        if run.status == "ok" and m.get("test_error") is None:
+            run.status, run.error = "unreadable", "metrics.json has no test_error"
+        return run
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        saved = _from_saved_overrides(run_dir)
+        detail = str(e).splitlines()[0][:120] if isinstance(e, ValueError) and str(e) else type(e).__name__
+        return Run(run_dir, "unreadable", saved.get("model"), saved.get("lr"), saved.get("seed", 0),
+                   error=f"metrics.json unreadable ({detail})")
+
+
+def read_run(run_dir: Path) -> Run:
+    run = _read_run(run_dir)
+    run.config = c = _saved_config(run_dir)
+    model, optim = c.get("model") or {}, c.get("optim") or {}
+    try:  # a run killed before metrics.json: what its saved config says
+        if run.model is None and model.get("family") and model.get("variant"):
+            run.model = models.config_name(model["family"], model["variant"])
+        if run.lr is None and isinstance(optim.get("lr"), (int, float)):
+            run.lr = float(optim["lr"])
+    except (KeyError, AttributeError):
+        pass
+    return run
+
+
+def find_runs(dirs: list[Path]) -> list[Run]:
+    """Run folders under dirs: any folder with a metrics.json or a Hydra .hydra/ folder (not a sweep's root)."""
+    runs, seen = [], set()
+    for d in dirs:
+        if not d.is_dir():
+            raise ReportError(f"{d}: no such directory")
+        candidates = {p.parent for p in d.rglob("metrics.json")}
+        candidates |= {p.parent.parent for p in d.rglob(".hydra/overrides.yaml")}
+        for run_dir in sorted(candidates):
+            key = run_dir.resolve()
+            if key in seen or (run_dir / "multirun.yaml").is_file():
+                continue
+            seen.add(key)
+            runs.append(read_run(run_dir))
+    return runs
+
+
+# --- what was run, in words -------------------------------------------------------------------
+
+def data_label(source, path=None) -> str:
+    if source == "cifar10":
+        return "CIFAR-10"
+    if source == "cifar100":
+        return "CIFAR-100"
+    if source == "npz":
+        name = Path(str(path)).name if path else ""
+        if "jpeg" in name.lower():  # the arrays file `make data-jpeg` decodes from the JPEG copy
+            return f"JPEG copy of CIFAR-10 ({name})"
+        return f"arrays file {name}".rstrip()
+    return str(source)
+
+
+def run_settings(run: Run) -> dict:
+    """The settings of PAPER that the run's files record (config.yaml first, else metrics.json)."""
+    m, c = run.metrics, run.config
+    model, data, trainer, optim = (c.get(k) or {} for k in ("model", "data", "trainer", "optim"))
+    found = {
+        "width": model.get("width", m.get("width")),
+        "epochs": trainer.get("max_epochs", m.get("epochs")),
+        "data": data_label(data.get("source", m.get("data")), data.get("path")) if (data or "data" in m) else None,
+        "preprocess": data.get("preprocess", m.get("preprocess")),
+        "augment": data.get("augment", m.get("augment")),
+        "held_out": (data.get("val_size") or 0) if data else None,
+    }
+    out = {k: v for k, v in found.items() if v is not None}
+    if optim or "max_update_norm" in m:
+        out["cap"] = run.cap
+    return out
+
+
+def _phrase(key: str, values: list) -> str:
+    if key == "width":
+        return "width " + "/".join(f"{v:g}" for v in values)
+    if key == "epochs":
+        return "/".join(f"{v:g}" for v in values) + (" epoch" if values == [1] else " epochs")
+    if key == "augment":
+        return "augmentation (flips, translations)" if values == [True] else "augmentation on some runs"
+    if key == "preprocess":
+        return "preprocessing " + "/".join(map(str, values))
+    if key == "held_out":
+        return "/".join(f"{v:,}" for v in values) + " training images held out for validation"
+    if key == "cap":
+        return "update cap " + " or ".join("none" if v is None else f"{v:g}" for v in values)
+    return "/".join(map(str, values))
+
+
+def settings_label(runs: list[Run]) -> str:
+    """One sentence: how the runs differ from the paper's setting, or that they do not."""
+    settings = [run_settings(r) for r in runs]
+    phrases = []
+    for key, paper in PAPER.items():
+        values = []
+        for s in settings:
+            if key in s and s[key] not in values:
+                values.append(s[key])
+        if values and values != [paper]:
+            values.sort(key=lambda v: (v is None, v if not isinstance(v, str) else 0, str(v)))
+            phrases.append(_phrase(key, values))
+    if not phrases:
+        return f"The paper's setting ({PAPER_TEXT})."
+    return f"Not the paper's setting: {', '.join(phrases)} (the paper: {PAPER_TEXT})."
+
+
+def _cap_text(cap: float | None) -> str:
+    return "no cap" if cap is None else f"cap {cap:g}"
+
+
+
+def _g(x) -> str:
+    return "?" if x is None else f"{x:g}"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
