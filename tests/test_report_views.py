@@ -17,7 +17,8 @@ NAMES = {m: table.NAME[m] for m in runs.ORDER}
 
 
 def write_table_run(root: Path, model: str, test: float, lr: float = 0.05, cap: float | None = 0.125,
-                    curve: list[tuple[float, float]] | None = None, status: str = "ok", error: str = "") -> Path:
+                    curve: list[tuple[float, float, float]] | None = None, status: str = "ok",
+                    error: str = "") -> Path:
     """A finished run folder as train.py leaves it: metrics.json, .hydra/config.yaml, csv/metrics.csv."""
     run = root / f"{model}_lr{lr}_cap{cap}"
     (run / ".hydra").mkdir(parents=True)
@@ -27,8 +28,9 @@ def write_table_run(root: Path, model: str, test: float, lr: float = 0.05, cap: 
               "optim": {"lr": lr, "max_update_norm": cap}, "trainer": {"max_epochs": 2}}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "csv").mkdir()
-    rows = ["epoch,train/loss,train/acc,step"] + [f"{e},{loss},{acc},{e}" for e, (loss, acc) in
-                                                    enumerate(curve or [(2.0, 0.3), (1.6, 0.45)])]
+    curve = curve or [(2.0, 0.3, 0.5), (1.6, 0.45, 0.9)]  # (train loss, train accuracy, gradient norm) per epoch
+    rows = ["epoch,train/loss,train/acc,train/grad_norm,step"] + [
+        f"{e},{loss},{acc},{grad},{e}" for e, (loss, acc, grad) in enumerate(curve)]
     (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     m = {"status": status, "model": model, "network": NAMES[model], "lr": lr, "seed": 0, "max_update_norm": cap}
     m |= {"test_error": test, "epochs": 2, "width": 0.25, "data": "npz"} if status == "ok" else {"error": error}
@@ -78,19 +80,22 @@ def test_claims_follow_the_paper_and_fail_where_ours_disagree(tmp_path):
 def test_grid_outcomes_and_page(tmp_path):
     write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1)
     write_table_run(tmp_path, "all_cnn_c", 0.85, lr=0.01)                                     # near chance
-    write_table_run(tmp_path, "model_a", 0.90, lr=0.1, curve=[(2.3026, 0.1), (2.3026, 0.1)])   # dead
+    write_table_run(tmp_path, "model_a", 0.90, lr=0.1, curve=[(2.3026, 0.1, 0.3), (2.3026, 0.1, 0.01)])  # dead
+    write_table_run(tmp_path, "model_a", 0.88, lr=0.05, curve=[(2.3026, 0.1, 0.3), (2.3026, 0.1, 0.3)])  # slow
     write_table_run(tmp_path, "model_a", 0.50, lr=0.01)
     write_table_run(tmp_path, "model_a", 0.0, lr=0.1, cap=None, status="failed",
                     error="non-finite loss at epoch 1, step 3 of the epoch (lr=0.1)")               # diverged
     found = {(c.model, c.lr, c.cap): c.outcome for c in grid.cells([grid.trace(r) for r in
                                                                     runs.find_runs([tmp_path])])}
     assert found == {("all_cnn_c", 0.1, 0.125): "learned", ("all_cnn_c", 0.01, 0.125): "near chance",
-                     ("model_a", 0.1, 0.125): "died", ("model_a", 0.01, 0.125): "learned",
+                     ("model_a", 0.1, 0.125): "died", ("model_a", 0.05, 0.125): "at chance",
+                     ("model_a", 0.01, 0.125): "learned",
                      ("model_a", 0.1, None): "diverged"}
     assert report.main([str(tmp_path), "--grid"]) == 0
     page = (tmp_path / "grid.md").read_text()
-    assert "| Model A | **died** (90.0) | 50.0 |" in page and "| All-CNN-C | 40.0 | 85.0 (near chance) |" in page
-    assert "## no cap" in page and "| Model A | **diverged** | – |" in page
+    assert "| Model A | **died** (90.0) | 88.0 (at chance) | 50.0 |" in page
+    assert "| All-CNN-C | 40.0 | – | 85.0 (near chance) |" in page
+    assert "## no cap" in page and "| Model A | **diverged** | – | – |" in page
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -189,3 +189,45 @@ def test_refused_submission_is_one_line_exit_2(tmp_path):
     assert line == ("error: sbatch refused the job: Invalid generic resource (gres) specification; change "
                     "hydra.launcher.gpus_per_node (null on a partition without GPUs; or gres)")
     assert not any(p.is_dir() and not p.name.startswith(".") for p in sweep.glob("*"))  # no job ran
+
+
+SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sbatch"
+
+
+def _sbatch(tmp_path: Path, name: str, data: Path) -> str:
+    env = {**os.environ, "ALLCONV_RUN_DIR": str(tmp_path / name), "ALLCONV_CACHE": str(tmp_path / "zca"),
+           "ALLCONV_PYTHON": PYTHON}
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={SBATCH.parents[1]}", "-p", "debug", "--cpus-per-task=1",
+                           "--mem=2G", "--time=30", "-o", str(tmp_path / f"{name}.log"), str(SBATCH), "data=npz",
+                           f"data.path={data}", "model.width=0.25", f"trainer.max_epochs={EPOCHS}", "seed=3",
+                           "callbacks.guided_backprop.every_n_epochs=0", "callbacks.progress_bar=none",
+                           "print_config=false"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _job_state(job: str) -> str:
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    found = re.search(r"JobState=(\S+)", proc.stdout)
+    return found.group(1) if found else ""
+
+
+def test_sbatch_script_requeued_mid_run_continues_to_its_twin(tmp_path):
+    """scripts/slurm_train.sbatch, the hand-written route: requeued mid-run, it resumes in its own folder; both
+    jobs end COMPLETED (the script does not turn a finished run into a failed job)."""
+    data = write_npz(tmp_path / "data.npz", n_train=512, n_test=64)
+    job, twin = _sbatch(tmp_path, "interrupted", data), _sbatch(tmp_path, "twin", data)
+    run = tmp_path / "interrupted"
+    _wait(lambda: _epochs_saved(run) >= 2, "the job to reach epoch 2")
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    _wait(lambda: _state(job) == "PENDING", f"job {job} to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
+    _wait(lambda: _state(job) == "" and _state(twin) == "", "both jobs to end", timeout=600)
+    assert _job_state(job) == _job_state(twin) == "COMPLETED"
+    (w0, step0), (w1, step1) = _weights(run), _weights(tmp_path / "twin")
+    assert step0 == step1 == EPOCHS * STEPS_PER_EPOCH and all(torch.equal(w0[k], w1[k]) for k in w0)
+    m0, m1 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("interrupted", "twin"))
+    assert m0["test_error"] == m1["test_error"] and m0["epochs"] == m1["epochs"] == EPOCHS
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    log = (tmp_path / "interrupted.log").read_text()
+    assert "error: interrupted by SIGTERM" in log and f"slurm_train: job {job} (restart 1) continues" in log, log
