@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 
 import lightning
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -53,3 +54,11 @@ def test_wandb_logger_internals(tmp_path):
     assert isinstance(logger._wandb_init, dict) and "anonymous" not in logger._wandb_init
     assert "anonymous" in WandbLogger(save_dir=str(tmp_path), mode="disabled", project="p")._wandb_init
     assert logger.started_run is None  # reading it does not start a run
+
+
+def test_precision_names_and_the_accelerator_connector():
+    names = lp.precision_names()
+    assert {"32-true", "bf16-mixed", "16-mixed", "64-true", "32", 32, 16} <= set(names)
+    lp.check_trainer_settings(accelerator="cpu", devices=1, precision="32-true")  # what the Trainer accepts
+    with pytest.raises(ValueError):
+        lp.check_trainer_settings(accelerator="cpu", devices=1, precision="banana")

@@ -103,8 +103,10 @@ def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
         expand_argv(["train.py", f"resume={run}"])
     (run / "checkpoints").mkdir()
     shutil.copy(killed_and_resumed["full"] / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
-    argv = expand_argv(["train.py", f"resume={run}", "trainer.max_epochs=400"])
-    assert argv == ["train.py", "model=model_a", "optim.lr=0.1", "trainer.max_epochs=400",
+    with pytest.raises(ResumeError, match=r"trainer.max_epochs=400 differs from the run's \d+; a resumed run keeps"):
+        expand_argv(["train.py", f"resume={run}", "trainer.max_epochs=400"])  # a resume continues, never changes
+    argv = expand_argv(["train.py", f"resume={run}", "print_config=false"])
+    assert argv == ["train.py", "model=model_a", "optim.lr=0.1", "print_config=false",
                     f"ckpt_path='{run / 'checkpoints' / 'last.ckpt'}'", f"hydra.run.dir='{run}'", "hydra.mode=RUN"]
     (run / "metrics.json").write_text('{"status": "ok"}')
     with pytest.raises(ResumeError, match="already finished"):

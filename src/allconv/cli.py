@@ -1,15 +1,16 @@
 """What the entry points in src/ share: the pre-flight check inside Hydra, the config tree, one-line errors.
 
-Preflight is a Hydra callback (conf/train.yaml, eval.yaml, visualize.yaml: hydra.callbacks). It runs
-a check function on the composed config of the run, or of every job of a multirun, before Hydra
-creates a run folder: a bad value, a missing file or an unwritable output folder ends with one line
-on stderr and exit status 2, and nothing is written. Later failures come through run(): an
-AllConvError is one line and its exit status; in a multirun the job is recorded in its metrics.json
-and the sweep goes on.
+Preflight is a Hydra callback (conf/train.yaml, eval.yaml, visualize.yaml: hydra.callbacks). It checks
+the composed config of the run, or of every job of a multirun, against its schema (allconv.schema),
+then runs a check function on it, before Hydra creates a run folder: a bad value, a missing file or an
+unwritable output folder ends with one line on stderr and exit status 2, and nothing is written.
+Later failures come through run(): an AllConvError is one line and its exit status; in a multirun the
+job is recorded in its metrics.json and the sweep goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -36,6 +37,22 @@ warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigSto
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """argparse reports a bad argument with its usage (several lines); here it is one line, exit status 2.
+
+    The parser belongs to the command's main(); its error() is the one place argparse reports from.
+    """
+    import argparse
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = lambda parser, message: fail(f"{message} (see {parser.prog} --help)", 2)
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original
 
 
 def _one_line(e: Exception) -> str:
@@ -125,12 +142,17 @@ def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:
 
 
 class Preflight(Callback):
-    """Run `check` (a dotted function name taking the job config) before any run folder exists."""
+    """Before any run folder exists: the job config against `schema` (allconv.schema), then `check` on it.
 
-    def __init__(self, check: str, output_key: str | None = "hydra.run.dir", run_folders: bool = False) -> None:
-        from hydra.utils import get_method
+    schema and check are dotted names: a model of allconv.schema and a function taking the job config.
+    """
+
+    def __init__(self, check: str, schema: str, output_key: str | None = "hydra.run.dir",
+                 run_folders: bool = False) -> None:
+        from hydra.utils import get_class, get_method
 
         self.check: Callable[[DictConfig], None] = get_method(check)
+        self.schema = get_class(schema)
         self.output_key = output_key
         self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
 
@@ -142,12 +164,18 @@ class Preflight(Callback):
         except Exception as e:  # composition errors of Hydra and OmegaConf become one line too
             fail(_one_line(e), 2)
 
+    def _check(self, job: DictConfig) -> None:
+        from allconv.schema import validate
+
+        validate(job, self.schema)
+        self.check(job)
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         def run() -> None:
             from hydra.core.hydra_config import HydraConfig
 
-            self.check(config)
-            HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in the folder name resolves
+            HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in any value resolves
+            self._check(config)
             if self.run_folders:
                 from allconv import run_folder
 
@@ -163,7 +191,7 @@ class Preflight(Callback):
 
             jobs = job_configs(config)
             for num, job in enumerate(jobs or ()):
-                self.check(job)
+                self._check(job)
                 if self.run_folders:
                     run_folder.check_sweep_job(job, num)
             check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")

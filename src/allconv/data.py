@@ -3,7 +3,9 @@
 Sources: the official CIFAR-10/100 python archives (downloaded and md5-checked through
 torchvision, read by our own reader so small files in the official format work too) or an .npz
 arrays file (x_train, y_train, x_test, y_test; uint8 NHWC), such as the JPEG copy of CIFAR-10
-decoded by shared/data/cifar10_jpeg_to_arrays.py, or CIFAR-10.1.
+decoded by shared/data/cifar10_jpeg_to_arrays.py, or CIFAR-10.1. Both are outside data: the official
+files are unpickled by allconv.safe_pickle (plain data only, md5-checked or not) and their structure
+checked; an arrays file's headers are checked against its size before any array is allocated.
 
 As in airbench, the whole preprocessed dataset lives on the training device as one tensor: a batch
 is an index slice of a device-side permutation, and flips/translations are tensor ops on the
@@ -14,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from allconv import preprocessing as pp
+from allconv import safe_pickle
 from allconv.errors import DataError
 
 OFFICIAL = {
@@ -49,26 +52,81 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One file of the official python format: a pickled dict with 'data' (N, 3072) uint8, CHW rows."""
+def _unpickle(path: Path):
+    """The one object of an official-format file, through the restricted unpickler; DataError otherwise."""
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is not a CIFAR batch file in the official python format ({type(e).__name__}: {e})") \
-            from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {labels.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+        return safe_pickle.load(path)
+    except safe_pickle.RefusedGlobal as e:
+        raise DataError(f"{path} is not a CIFAR file in the official python format: it names the global {e}, "
+                        f"which is refused (allowed: dicts, lists, numbers, strings and numpy arrays)") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    except Exception as e:  # anything a malformed pickle raises (EOFError, UnpicklingError, ValueError, ...)
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"{path} is not a CIFAR file in the official python format ({type(e).__name__}"
+                        f"{': ' + detail if detail else ''})") from None
+
+
+def _type_name(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return type(value).__name__
+
+
+def read_cifar_batch(path: Path, label_key: str, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the official python format: a pickled dict with 'data' (N, 3072) uint8, CHW rows, and
+    label_key a list of N ints (in 0..num_classes-1 when given)."""
+    entry = _unpickle(path)
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} holds {_type_name(entry)}; a CIFAR batch file holds a dict with 'data' and "
+                        f"{label_key!r}")
+    for key in ("data", label_key):
+        if key not in entry:
+            raise DataError(f"{path} lacks the key {key!r}; a CIFAR batch file holds a dict with 'data' and "
+                            f"{label_key!r}")
+    data, labels = entry["data"], entry[label_key]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"'data' in {path} is {_type_name(data)}; allowed: a uint8 array of shape (N, 3072)")
+    if not (isinstance(labels, list) and all(type(v) is int for v in labels)):
+        raise DataError(f"{label_key!r} in {path} is {_type_name(labels)}"
+                        f"{' with non-int items' if isinstance(labels, list) else ''}; allowed: a list of ints")
+    if len(labels) != len(data):
+        raise DataError(f"{path}: expected data (N, 3072) and N labels, got {data.shape} and {len(labels)} labels")
+    y = np.asarray(labels, dtype=np.int64)
+    if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        raise DataError(f"{label_key!r} in {path} holds label {bad}; allowed: 0..{num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+def read_cifar_meta(path: Path, meta_key: str, num_classes: int) -> list[str]:
+    """The class names of the official meta file: a pickled dict whose meta_key is num_classes strings."""
+    meta = _unpickle(path)
+    names = meta.get(meta_key) if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(c, str) for c in names)):
+        what = _type_name(meta) if not isinstance(meta, dict) else \
+            f"{meta_key!r} as {_type_name(names)}" + (f" of {len(names)} items" if isinstance(names, list) else "")
+        raise DataError(f"{path} holds {what}; a CIFAR meta file holds a dict with {meta_key!r} a list of "
+                        f"{num_classes} class names")
+    return list(names)
 
 
 def load_official(name: str, root: str | Path, verify_md5: bool = True) -> dict:
-    """Read CIFAR-10/100 from root/<official folder>, optionally checking each file's md5."""
+    """Read CIFAR-10/100 from root/<official folder>, optionally checking each file's md5.
+
+    Every file goes through the restricted unpickler whether or not its md5 was checked.
+    """
     folder, train_files, test_files, label_key, meta_file, meta_key, n_classes = OFFICIAL[name]
     base = Path(root) / folder
-    md5s = dict(_torchvision_dataset(name).train_list + _torchvision_dataset(name).test_list)
+    ds = _torchvision_dataset(name)
+    md5s = dict(ds.train_list + ds.test_list) | {meta_file: ds.meta["md5"]}
+
+    def checked(path: Path) -> Path:
+        if verify_md5 and _md5(path) != md5s[path.name]:
+            raise DataError(f"{path} fails its md5 check (expected {md5s[path.name]}); "
+                            f"delete it and set data.download=true")
+        return path
+
     splits = {}
     for split, files in (("train", train_files), ("test", test_files)):
         xs, ys = [], []
@@ -77,18 +135,14 @@ def load_official(name: str, root: str | Path, verify_md5: bool = True) -> dict:
             if not path.is_file():
                 raise DataError(f"missing {path}; set data.download=true or point data.root at a folder "
                                 f"holding {folder}/")
-            if verify_md5 and _md5(path) != md5s[fname]:
-                raise DataError(f"{path} fails its md5 check (expected {md5s[fname]}); "
-                                f"delete it and set data.download=true")
-            x, y = read_cifar_batch(path, label_key)
+            x, y = read_cifar_batch(checked(path), label_key, n_classes)
             xs.append(x)
             ys.append(y)
         splits[f"x_{split}"], splits[f"y_{split}"] = np.concatenate(xs), np.concatenate(ys)
-    try:
-        with open(base / meta_file, "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")[meta_key])
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError):
-        classes = [str(i) for i in range(n_classes)]
+    meta = base / meta_file
+    # the names only label figures, so a folder without the meta file still trains (numbered classes)
+    classes = read_cifar_meta(checked(meta), meta_key, n_classes) if meta.is_file() else \
+        [str(i) for i in range(n_classes)]
     return {**splits, "classes": classes}
 
 
@@ -112,6 +166,7 @@ def download_official(name: str, root: str | Path) -> None:
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_DEFLATE_MAX_RATIO = 1032  # no deflate stream inflates more than this: a bound on what a member's bytes can hold
 
 
 def _npz_error(path: Path, e: Exception) -> DataError:
@@ -119,8 +174,70 @@ def _npz_error(path: Path, e: Exception) -> DataError:
                      f"expected an .npz with x_train, y_train, x_test, y_test")
 
 
+def _npz_read(path: Path, read: Callable):
+    """read(), with what a malformed zip or .npy raises turned into the one-line DataError."""
+    try:
+        return read()
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise _npz_error(path, e) from None
+
+
+def _npz_headers(path: Path) -> dict:
+    """key -> (shape, dtype) of every .npy member, from its header alone.
+
+    Each header's declared size must be what the member holds and what the file's bytes can hold, so
+    that np.load, which allocates the declared shape before it reads, never allocates more than the file.
+    """
+    on_disk = path.stat().st_size
+    headers = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            where = f"member {info.filename} of data.path {str(path)!r}"
+            if info.compress_type == zipfile.ZIP_STORED:
+                can_hold = info.compress_size
+            elif info.compress_type == zipfile.ZIP_DEFLATED:
+                can_hold = info.compress_size * _DEFLATE_MAX_RATIO + 1024
+            else:
+                raise DataError(f"{where} is compressed with zip method {info.compress_type}; "
+                                f"allowed: stored or deflated, as numpy.savez and savez_compressed write")
+            if info.header_offset + info.compress_size > on_disk or info.file_size > can_hold:
+                raise DataError(f"{where} claims {info.file_size} bytes, more than the {on_disk}-byte file holds; "
+                                f"the file is truncated or not an arrays file")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                header_bytes = f.tell()
+            if dtype.hasobject:
+                raise DataError(f"{where} holds Python objects (dtype {dtype}), which only pickle can read; "
+                                f"allowed: numeric and string arrays")
+            declared = header_bytes + int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared != info.file_size:
+                raise DataError(f"{where} declares shape {tuple(shape)} {dtype} ({declared} bytes with its header) "
+                                f"but holds {info.file_size} bytes; the file is truncated or its header is wrong")
+            headers[info.filename.removesuffix(".npy")] = (shape, dtype)
+    return headers
+
+
+def _npz_members(path: Path, keys) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in keys}
+
+
+def _check_npz_exists(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"data.path {str(path)!r} does not exist; "
+                        f"expected an .npz with x_train, y_train, x_test, y_test")
+
+
 def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> None:
-    """shapes: key -> (shape, dtype) of x_*/y_*; labels: split -> y array. One DataError for the first fault."""
+    """shapes: key -> (shape, dtype) of x_*/y_*; labels: split -> y array, where read. One DataError for the first
+    fault."""
     missing = [k for k in NPZ_KEYS if k not in shapes]
     if missing:
         raise DataError(f"data.path {str(path)!r} lacks {', '.join(missing)}; needs x_train, y_train, x_test, y_test")
@@ -130,10 +247,13 @@ def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> N
             raise DataError(f"x_{split} in {str(path)!r} has dtype {xd}; allowed: uint8 (0..255)")
         if len(xs) != 4 or tuple(xs[1:]) != (32, 32, 3):
             raise DataError(f"x_{split} in {str(path)!r} has shape {tuple(xs)}; allowed: (N, 32, 32, 3) NHWC")
+        if xs[0] == 0:
+            raise DataError(f"x_{split} in {str(path)!r} holds no images (shape {tuple(xs)}); "
+                            f"a run needs at least one {split} image")
         if len(ys) != 1 or ys[0] != xs[0] or not np.issubdtype(yd, np.integer):
             raise DataError(f"y_{split} in {str(path)!r} has shape {tuple(ys)} {yd}; allowed: ({xs[0]},) integers")
-        y = labels[split]
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        y = labels.get(split)
+        if y is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
             bad = int(y.min()) if y.min() < 0 else int(y.max())
             raise DataError(f"y_{split} in {str(path)!r} holds label {bad}; allowed: 0..{num_classes - 1} "
                             f"(data.num_classes={num_classes})")
@@ -142,42 +262,23 @@ def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> N
 def check_npz(path: str | Path, num_classes: int) -> int:
     """Validate an arrays file from its headers and labels, without reading the images; returns n_train."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} does not exist; "
-                        f"expected an .npz with x_train, y_train, x_test, y_test")
-    try:
-        shapes = {}
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.removesuffix(".npy") in NPZ_KEYS:
-                    with z.open(name) as f:
-                        version = np.lib.format.read_magic(f)
-                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                            np.lib.format.read_array_header_2_0
-                        shape, _, dtype = read(f)
-                        shapes[name.removesuffix(".npy")] = (shape, dtype)
-        labels = {}
-        if all(k in shapes for k in ("y_train", "y_test")):
-            with np.load(path, allow_pickle=False) as f:  # the labels only: a few hundred kB
-                labels = {"train": f["y_train"], "test": f["y_test"]}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _npz_error(path, e) from None
-    _check_arrays(path, shapes, labels, num_classes)
+    _check_npz_exists(path)
+    shapes = _npz_read(path, lambda: _npz_headers(path))
+    _check_arrays(path, shapes, {}, num_classes)  # before the labels are read: their headers are sound
+    labels = _npz_read(path, lambda: _npz_members(path, ("y_train", "y_test")))  # a few hundred kB
+    _check_arrays(path, shapes, {"train": labels["y_train"], "test": labels["y_test"]}, num_classes)
     return shapes["x_train"][0][0]
 
 
 def load_npz(path: str | Path, num_classes: int) -> dict:
     """Read and validate an arrays file: x_* uint8 (N, 32, 32, 3), y_* integers in [0, num_classes)."""
     path = Path(path)
-    if not path.is_file():
-        check_npz(path, num_classes)  # the one-line error for a missing file
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _npz_error(path, e) from None
-    shapes = {k: (arrays[k].shape, arrays[k].dtype) for k in NPZ_KEYS if k in arrays}
-    _check_arrays(path, shapes, {s: arrays.get(f"y_{s}") for s in ("train", "test")}, num_classes)
+    _check_npz_exists(path)
+    shapes = _npz_read(path, lambda: _npz_headers(path))
+    _check_arrays(path, shapes, {}, num_classes)
+    keys = [*NPZ_KEYS, *(["classes"] if "classes" in shapes else [])]
+    arrays = _npz_read(path, lambda: _npz_members(path, keys))
+    _check_arrays(path, shapes, {s: arrays[f"y_{s}"] for s in ("train", "test")}, num_classes)
     for split in ("train", "test"):
         arrays[f"y_{split}"] = arrays[f"y_{split}"].astype(np.int64)
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num_classes)]

@@ -1,7 +1,8 @@
 """From a composed config to a trained, tested model: the objects a run is made of.
 
-check(cfg) is every check that can be made before a run folder exists: values, the model's knobs
-and layer names (on the meta device: nothing is allocated or initialised), the data files' headers.
+check(cfg) is every check that can be made before a run folder exists: the values against
+allconv.schema, the trainer settings on this machine, the model's knobs and layer names (on the meta
+device: nothing is allocated or initialised), the data files' headers.
 cli.Preflight runs it inside Hydra on the composed config of every job before the first one starts.
 train(cfg, run_dir) then builds each object once (network, DataModule, LightningModule, Trainer),
 fits, tests and writes metrics.json into the run directory.
@@ -10,15 +11,16 @@ fits, tests and writes metrics.json into the run directory.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from allconv import models
+from allconv import models, schema
 from allconv.csv_logger import CSVLogger
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
@@ -27,28 +29,10 @@ from allconv.faults import write_atomic
 from allconv.module import AllConvModule
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Value checks that composition cannot make (types and ranges)."""
-    o = cfg.optim
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    if not (isinstance(o.momentum, (int, float)) and 0 <= o.momentum < 1):
-        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum!r}")
-    ms = list(o.milestones)
-    if not all(isinstance(m, int) and m > 0 for m in ms) or ms != sorted(ms):
-        raise ConfigError(f"optim.milestones must be increasing positive epochs, got {ms}")
-    if o.get("max_update_norm") is not None:
-        _positive("optim.max_update_norm (or null for none)", o.max_update_norm)
-    if not (isinstance(cfg.trainer.max_epochs, int) and cfg.trainer.max_epochs >= 1):
-        raise ConfigError(f"trainer.max_epochs must be an integer >= 1, got {cfg.trainer.max_epochs!r}")
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    """The values (allconv.schema), the trainer on this machine, the model's knobs and layer names."""
+    schema.validate(cfg, schema.TrainConfig)
+    check_trainer(cfg)
     with torch.device("meta"):  # the builder checks the model knobs; meta: no memory, no init compute
         net = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes)
     gb = cfg.callbacks.get("guided_backprop")
@@ -59,6 +43,60 @@ def check_config(cfg: DictConfig) -> None:
             validate(net, str(gb.layer), gb.unit)
         except ValueError as e:
             raise ConfigError(f"callbacks.guided_backprop: {e}") from None
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The trainer settings against this machine's GPUs, then as Lightning's Trainer reads them.
+
+    Skipped for a sweep whose jobs a scheduler runs on other machines (a SLURM launcher): the
+    submitting machine's devices say nothing about theirs.
+    """
+    if _jobs_run_elsewhere(cfg):
+        return
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accelerator, devices = t.get("accelerator") or "auto", t.get("devices") or "auto"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU; "
+                          f"use trainer=cpu (or trainer.accelerator=auto)")
+    if gpus and accelerator in ("auto", "gpu", "cuda"):
+        asked = max(devices) + 1 if isinstance(devices, list) else devices
+        if isinstance(asked, int) and asked > gpus:
+            raise ConfigError(f"trainer.devices={schema.shown(devices)}: this machine has {gpus} CUDA GPU"
+                              f"{'s' if gpus > 1 else ''}")
+        if devices in ("auto", -1) and gpus > 1 and t.get("strategy") in (None, "auto"):
+            raise ConfigError(f"trainer.devices={devices}: that is this machine's {gpus} GPUs, one process each: "
+                              f"use trainer=ddp (or trainer.devices=1)")
+    from allconv.lightning_private import check_trainer_settings
+
+    kwargs = trainer_kwargs(cfg)
+    picked = {k: kwargs[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision") if k in kwargs}
+    quiet = logging.root.manager.disable
+    logging.disable(logging.INFO)  # its notes ("Using bfloat16 ..."): the Trainer gives them when it is built
+    try:
+        with warnings.catch_warnings():  # and its advice
+            warnings.simplefilter("ignore")
+            check_trainer_settings(**picked)  # the Trainer's own reading of these settings; nothing is launched
+    except Exception as e:
+        settings = ", ".join(f"trainer.{k}={schema.shown(t.get(k))}" for k in picked if t.get(k) is not None)
+        raise ConfigError(f"{settings}: {_first_line(e)}") from None
+    finally:
+        logging.disable(quiet)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _jobs_run_elsewhere(cfg: DictConfig) -> bool:
+    target = OmegaConf.select(cfg, "hydra.launcher._target_")
+    if not target:
+        return False
+    from hydra.utils import get_class
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    return issubclass(get_class(target), BaseSubmititLauncher)
 
 
 def check(cfg: DictConfig) -> None:
@@ -75,12 +113,19 @@ def check(cfg: DictConfig) -> None:
 
 
 def check_eval(cfg: DictConfig) -> None:
-    """src/eval.py's check: the checkpoint loads safely and its weights fit the network it names."""
-    from allconv import checkpoint
+    """src/eval.py's check: the checkpoint loads safely, its weights fit the network it names, its data is
+    there, and the output folder (hydra.run.dir) is not a training run's, whose .hydra/ Hydra would rewrite."""
+    from allconv import checkpoint, run_folder
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
-    checkpoint.load(cfg.ckpt_path)
+    out = OmegaConf.select(cfg, "hydra.run.dir", default=None)
+    if out is not None and run_folder.state(Path(str(out))) in ("finished", "interrupted"):
+        raise ConfigError(f"hydra.run.dir={str(out)!r} holds a training run; eval writes into a folder of its own: "
+                          f"choose another hydra.run.dir (or leave it unset)")
+    ckpt = checkpoint.read(cfg.ckpt_path)
+    checkpoint.module_from(ckpt, cfg.ckpt_path)
+    checkpoint.datamodule(ckpt, cfg.ckpt_path, cfg.data).validate()
 
 
 def net_kwargs(cfg: DictConfig) -> dict:
@@ -201,16 +246,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Re-test a checkpoint (cfg.ckpt_path) on its own data, or on the data keys cfg.data sets."""
+    """Re-test a checkpoint (cfg.ckpt_path) on its own data, or on the data keys cfg.data sets.
+
+    The checkpoint gives the network and which data it was tested on; how the test runs (the
+    Trainer: devices, precision, progress bar) is eval.yaml's and the command line's only.
+    """
     from allconv import checkpoint
 
-    run_cfg, module = checkpoint.load(cfg.ckpt_path)
-    run_cfg.data = OmegaConf.merge(run_cfg.data, {k: v for k, v in cfg.data.items() if v is not None})
-    run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.trainer)
-    dm = build_datamodule(run_cfg)
+    ckpt = checkpoint.read(cfg.ckpt_path)
+    module = checkpoint.module_from(ckpt, cfg.ckpt_path)
+    dm = checkpoint.datamodule(ckpt, cfg.ckpt_path, cfg.data)
     dm.validate()
-    trainer = L.Trainer(logger=False, **{**trainer_kwargs(run_cfg), "max_epochs": 1})
+    settings = {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "auto",
+                "benchmark": "auto", **OmegaConf.to_container(cfg.trainer, resolve=True)}
+    kwargs = trainer_kwargs(OmegaConf.create({"trainer": settings, "data": {}}))
+    trainer = L.Trainer(logger=False, **{**kwargs, "max_epochs": 1})
     trainer.test(module, datamodule=dm, verbose=False)
-    return {"model": models.config_name(run_cfg.model.family, run_cfg.model.variant),
-            "ckpt_path": str(cfg.ckpt_path), "data": run_cfg.data.source,
+    net = ckpt["hyper_parameters"]["net"]
+    return {"model": models.config_name(net.get("family"), net.get("variant")),
+            "ckpt_path": str(cfg.ckpt_path), "data": dm.source,
             "test_error": float(trainer.callback_metrics["test/error"])}

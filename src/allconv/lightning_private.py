@@ -1,11 +1,12 @@
 """Every place allconv overrides or patches a private name of Lightning (or of its W&B logger).
 
-Four things need it: a last.ckpt every epoch (ModelCheckpoint's internals), Lightning's SLURM auto-requeue
+Six things need it: a last.ckpt every epoch (ModelCheckpoint's internals), Lightning's SLURM auto-requeue
 turned off (its cluster environment), DDP ranks that relaunch
-one Hydra job instead of the whole command line (the subprocess launcher's command), and a W&B
-logger without the argument wandb deprecated. Each private name used here is checked by
-tests/test_lightning_private.py, which fails when Lightning changes it; pyproject.toml pins
-lightning to the range tested (2.6.x).
+one Hydra job instead of the whole command line (the subprocess launcher's command), a W&B
+logger without the argument wandb deprecated, and, for the configuration schema, Lightning's list of
+precision names and its reading of accelerator/devices/strategy/precision without building a Trainer.
+Each private name used here is checked by tests/test_lightning_private.py, which fails when Lightning
+changes it; pyproject.toml pins lightning to the range tested (2.6.x).
 """
 
 from __future__ import annotations
@@ -96,3 +97,21 @@ class QuietWandbLogger(WandbLogger):
 
     def forget_run(self) -> None:
         self._experiment = None
+
+
+def precision_names() -> tuple:
+    """Every precision value Lightning's Trainer accepts (private: fabric.connector._PRECISION_INPUT_*)."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    return (*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS),
+            *typing.get_args(_PRECISION_INPUT_INT))
+
+
+def check_trainer_settings(**settings) -> None:
+    """Raise what Trainer(**settings) would raise about these devices settings, without building a Trainer or
+    launching anything (private: the trainer's _AcceleratorConnector)."""
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    _AcceleratorConnector(**settings)

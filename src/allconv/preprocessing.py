@@ -6,7 +6,9 @@ eigendecomposition over the training set) is cached on disk keyed by the data an
 so a second run and every DDP rank load it instead of refitting. Cache writes are atomic and
 serialised by a file lock, so concurrent jobs sharing a cache never see a half-written file. A cache
 that cannot be written (full disk, read-only or foreign folder) is not fatal: the fit is used from
-memory and one line on stderr says so.
+memory and one line on stderr says so. A cache file is checked before it is used (its key, shapes,
+a finite, symmetric, positive definite P, the data's mean): one that fails is refitted and replaced,
+and one line on stderr says which file and why.
 """
 
 from __future__ import annotations
@@ -125,25 +127,79 @@ def atomic_torch_save(obj, path: Path) -> None:
     write_atomic(path, torch_bytes(obj))
 
 
+def _read_cache(path: Path, key: str, x_gcn: torch.Tensor, filter_bias: float) -> tuple[ZCA | None, str]:
+    """(the cached fit, "") if path holds a whitening fit of x_gcn under key, else (None, what is wrong).
+
+    Beyond what the file claims (version, key, filter_bias), the numbers must be what a fit can be:
+    mean is x_gcn's mean, and P = (C + filter_bias I)^-1/2 for some covariance C, i.e. symmetric with
+    eigenvalues in (0, 1/sqrt(filter_bias)].
+    """
+    d = x_gcn.shape[1]
+    most = (d * d + d) * 8 + (1 << 20)  # float64 mean and P, and room for the zip's records
+    try:
+        size = path.stat().st_size
+        if size > most:
+            return None, f"{size} bytes, more than a fit for {d} inputs takes"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, not a torch file, or refused by weights_only
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return None, f"unreadable: {type(e).__name__}{': ' + detail if detail else ''}"
+    if not isinstance(state, dict):
+        return None, f"holds {type(state).__name__}, not a dict"
+    if state.get("version") != CACHE_VERSION:
+        return None, f"version {state.get('version')!r}, expected {CACHE_VERSION}"
+    if state.get("key") != key:
+        return None, f"key {state.get('key')!r}, expected {key!r}" if "key" in state else "it records no key"
+    if state.get("filter_bias") != filter_bias:
+        return None, f"filter_bias {state.get('filter_bias')!r}, expected {filter_bias!r}"
+    for name, shape in (("mean", (d,)), ("P", (d, d))):
+        t = state.get(name)
+        if not isinstance(t, torch.Tensor):
+            return None, f"{name} is {type(t).__name__}, not a tensor"
+        if not t.is_floating_point() or tuple(t.shape) != shape:
+            return None, f"{name} is {t.dtype} {tuple(t.shape)}, expected floating point {shape}"
+        if not torch.isfinite(t).all():
+            return None, f"{name} is not finite"
+    mean, P = state["mean"].double(), state["P"].double()
+    if not torch.allclose(mean, x_gcn.sum(dim=0, dtype=torch.float64) / len(x_gcn), rtol=1e-5, atol=1e-4):
+        return None, "mean is not the training data's mean"
+    # float32 rounding of a float64 fit stays well inside these tolerances
+    if (P - P.T).abs().max() > 1e-5 * P.abs().max():
+        return None, "P is not symmetric"
+    if torch.linalg.cholesky_ex(P).info != 0:
+        return None, "P is not positive definite"
+    top = (1 + 1e-3) / filter_bias ** 0.5
+    if torch.linalg.cholesky_ex(top * torch.eye(d, dtype=P.dtype) - P).info != 0:
+        return None, f"P has an eigenvalue above 1/sqrt(filter_bias) = {1 / filter_bias ** 0.5:.4g}"
+    return ZCA.from_state_dict(state), ""
+
+
 def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
                    filter_bias: float = 0.1) -> tuple[ZCA, bool]:
-    """Fit ZCA on x_gcn, or load the fit cached under key. Returns (zca, loaded_from_cache)."""
+    """Fit ZCA on x_gcn, or load the fit cached under key. Returns (zca, loaded_from_cache).
+
+    A cache file is outside data: one that is not a valid fit of x_gcn under key (see _read_cache) is
+    refitted and replaced, with one warning line on stderr.
+    """
     if cache_dir is None:
         return ZCA(filter_bias).fit(x_gcn), False
     path = Path(cache_dir) / f"zca-{key}.pt"
     with _locked(path):  # one fitter per key; the others wait and then load its file
+        fault = ""
         if path.exists():
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if state.get("version") == CACHE_VERSION and state["filter_bias"] == filter_bias:
-                    return ZCA.from_state_dict(state), True
-            except Exception:  # unreadable cache: refit and replace it
-                pass
+            zca, fault = _read_cache(path, key, x_gcn, filter_bias)
+            if zca is not None:
+                return zca, True
         zca = ZCA(filter_bias).fit(x_gcn)
+        bad = f"warning: ZCA cache {path} is not a valid fit ({fault}); refitted" if fault else ""
         try:
-            atomic_torch_save(zca.state_dict(), path)
+            atomic_torch_save({**zca.state_dict(), "key": key}, path)
         except WriteError as e:  # a cache is an optimisation: train on, refit next time
-            print(f"warning: {e}; the whitening fit is used from memory", file=sys.stderr)
+            print(f"{bad + ', but ' if bad else 'warning: '}{e}; the whitening fit is used from memory",
+                  file=sys.stderr)
+        else:
+            if bad:
+                print(f"{bad} and replaced", file=sys.stderr)
         return zca, False
 
 

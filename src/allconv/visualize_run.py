@@ -2,7 +2,9 @@
 
 check(cfg) needs no checkpoint (cli.Preflight runs it before Hydra starts). render(cfg) loads the
 checkpoint through allconv.checkpoint, checks every input against the network and the data, and
-only then writes; a bad input writes nothing (the ZCA cache aside). The drawing is allconv.figures.
+only then writes; a bad input writes nothing (the ZCA cache aside). From the checkpoint it takes the
+network and which data it was trained on (checkpoint.data_identity); folders, the ZCA cache and the
+device are visualize.yaml's and the command line's. The drawing is allconv.figures.
 """
 
 from __future__ import annotations
@@ -49,11 +51,10 @@ def _out_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def _datamodule(cfg: DictConfig, run_cfg: DictConfig):
-    from allconv import experiment
+def _datamodule(cfg: DictConfig, ckpt: dict):
+    from allconv import checkpoint
 
-    run_cfg.data = OmegaConf.merge(run_cfg.data, {k: x for k, x in cfg.data.items() if x is not None})
-    dm = experiment.build_datamodule(run_cfg)
+    dm = checkpoint.datamodule(ckpt, cfg.ckpt_path, cfg.data)
     dm.validate()
     return dm
 
@@ -69,8 +70,8 @@ def render(cfg: DictConfig) -> tuple[Path, list[Path]]:
     check(cfg)
     v = cfg.viz
     v.layer = str(v.layer)  # Hydra reads layer=4 as an integer; module names are strings
-    run_cfg, module = checkpoint.load(cfg.ckpt_path, map_location="cpu")
-    net = module.net
+    ckpt = checkpoint.read(cfg.ckpt_path, map_location="cpu")
+    net = checkpoint.module_from(ckpt, cfg.ckpt_path).net
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     net.to("cuda" if use_cuda else "cpu")
     if v.figure == "filters":
@@ -79,10 +80,10 @@ def render(cfg: DictConfig) -> tuple[Path, list[Path]]:
         return out, [save_png(picture, out / "filters.png")]
 
     if v.figure == "whitening":
-        if run_cfg.data.preprocess != "gcn_zca":
+        dm = _datamodule(cfg, ckpt)
+        if dm.preprocess != "gcn_zca":
             raise VisualizeError(f"viz.figure=whitening needs a run trained on GCN + ZCA whitened data; "
-                                 f"this one used data.preprocess={run_cfg.data.preprocess!r}")
-        dm = _datamodule(cfg, run_cfg)
+                                 f"this one used data.preprocess={dm.preprocess!r}")
         out = _out_dir(cfg)
         dm.setup("test")
         idx = _evenly_spaced(len(dm.tensors["x_test"]), v.num_images)
@@ -91,7 +92,7 @@ def render(cfg: DictConfig) -> tuple[Path, list[Path]]:
 
     channels = list(v.channels) if v.channels is not None else None
     visualize.validate(net, v.layer, v.unit, v.method, channels=channels)
-    dm = _datamodule(cfg, run_cfg)
+    dm = _datamodule(cfg, ckpt)
     dm.setup("test")
     x, raw = dm.tensors["x_test"], dm.raw_test
     if v.top_k > len(x):

@@ -1,0 +1,427 @@
+"""The configuration schema: every key of conf/train.yaml, eval.yaml and visualize.yaml, declared once.
+
+Each key is a field of a pydantic model with its type and its range or allowed values. One declaration
+gives the check, the allowed values and the message that names the key; a rule over several keys
+(Nesterov needs momentum, several devices need the DDP strategy) sits on the model holding them. The
+models forbid what they do not declare (extra="forbid"): a key added with +key=value that nothing
+reads, or a Trainer argument Lightning does not take, is refused instead of silently ignored or failing
+once training has started. Hydra's structured configs were not used: they give types only, with no
+ranges, no allowed values beyond enums, no rules across keys, and their errors are multi-line reports.
+
+validate(cfg, TrainConfig | EvalConfig | VisualizeConfig) checks a composed config, resolved and
+without its hydra node, and raises a ConfigError whose message is one line: the full dotted key, the
+bad value and what is allowed, e.g. `data.limit_train=1.5: must be a whole number >= 1 (or null for all)`.
+"""
+
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
+
+from allconv import models
+from allconv.data import OFFICIAL, PREPROCESS
+from allconv.errors import ConfigError
+from allconv.lightning_private import precision_names
+from allconv.visualize import METHODS
+
+
+# -- the vocabulary of rules -------------------------------------------------------------------------
+def shown(value: Any) -> str:
+    """A value as it is written on the command line (true, null, [1, 2], a string unquoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(shown, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        return value if value and not re.search(r"[\s,'\"]", value) else repr(value)
+    return repr(value)
+
+
+class Allowed(str):
+    """What a key accepts, as its error says it (`must be <this>`); kept in the field's metadata."""
+
+
+def _refuse_with(text: str):
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:  # pydantic's own wording names types, not what the user can write
+            raise PydanticCustomError("allowed", "must be {allowed}", {"allowed": text}) from None
+
+    return WrapValidator(check)
+
+
+def rule(tp: Any, allowed: str, null: str | None = None) -> Any:
+    """tp, refused with `must be <allowed>`; null: what null means for this key (None: null is refused)."""
+    text = allowed if null is None else f"{allowed} (or null for {null})"
+    return Annotated[tp | None if null is not None else tp, _refuse_with(text), Allowed(text)]
+
+
+def whole(ge: int, le: int | None = None, null: str | None = None) -> Any:
+    text = f"a whole number >= {ge}" if le is None else f"a whole number in {ge}..{le}"
+    return rule(Annotated[int, Field(ge=ge, le=le)], text, null)
+
+
+def number(text: str, null: str | None = None, **bounds) -> Any:
+    return rule(Annotated[float, Field(allow_inf_nan=False, **bounds)], text, null)
+
+
+def one_of(*values, text: str | None = None, null: str | None = None) -> Any:
+    return rule(Literal[values], text or "one of: " + ", ".join(dict.fromkeys(map(shown, values))), null)
+
+
+def string(what: str, null: str | None = None) -> Any:
+    return rule(str, what, null)
+
+
+Flag = rule(bool, "true or false")
+Positive = number("a positive number", gt=0)
+NonNegative = number("a number >= 0", ge=0)
+Probability = number("a number in [0, 1)", ge=0, lt=1)
+Finite = number("a finite number")
+LayerName = rule(str | int, "a layer name: logits or a module name such as block2.down")
+Batches = rule(Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
+               "a whole number of batches >= 0 or a fraction in [0, 1]", null="all")
+SOURCES = (*OFFICIAL, "npz")
+# Listed here, not imported: visualize_run and wandb_logger reach cli and experiment, which import this module.
+FIGURES = ("reconstructions", "filters", "whitening")  # allconv.visualize_run draws these
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # allconv.wandb_logger.resolve_mode reads these
+PRECISIONS = ("auto", *precision_names())  # auto: bf16-mixed on CUDA, else 32-true (trainer_kwargs)
+
+
+def broken(key: str, value: Any, message: str) -> PydanticCustomError:
+    """A rule over several keys: the one line names the key to change, its value and why."""
+    return PydanticCustomError("rule", "{message}", {"key": key, "value": value, "message": message})
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# -- conf/train.yaml ---------------------------------------------------------------------------------
+class Model(Section):
+    family: one_of(*models.FAMILIES)
+    variant: one_of(*models.VARIANTS)
+    width: Positive
+    dropout_input: Probability
+    dropout_pool: Probability
+    final_relu: Flag
+    init: one_of(*models.INITS)
+    final_bias: Finite
+    final_weights: one_of(*models.FINAL_WEIGHTS)
+    pool_gain: Flag
+    compile: Flag
+    channels_last: Flag
+
+
+class Data(Section):
+    source: one_of(*SOURCES)
+    num_classes: whole(2)
+    path: string("an arrays .npz file", null="data=cifar10, cifar100") = None
+    root: string("a folder")
+    download: Flag
+    verify_md5: Flag
+    preprocess: one_of(*PREPROCESS)
+    gcn_scale: Positive
+    zca_filter_bias: Positive
+    cache_dir: string("a folder", null="$ALLCONV_CACHE or ~/.cache/allconv")
+    val_size: whole(0)
+    split_seed: whole(0)
+    augment: Flag
+    translate: whole(0, 16)
+    batch_size: whole(1)
+    eval_batch_size: whole(1)
+    on_device: Flag
+    drop_last: Flag
+    limit_train: whole(1, null="all")
+    limit_test: whole(1, null="all")
+
+
+class Optim(Section):
+    lr: Positive
+    momentum: Probability
+    weight_decay: NonNegative
+    nesterov: Flag
+    milestones: rule(list[Annotated[int, Field(ge=1)]], "a list of increasing epochs >= 1")
+    gamma: Positive
+    max_update_norm: number("a positive number", null="no cap", gt=0)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.milestones != sorted(self.milestones):
+            raise broken("optim.milestones", self.milestones, "must be a list of increasing epochs >= 1")
+        if self.nesterov and self.momentum == 0:
+            raise broken("optim.nesterov", True,
+                         "needs optim.momentum > 0 (torch's SGD has no Nesterov without momentum)")
+        return self
+
+
+class Trainer(Section):
+    """Lightning's Trainer arguments that a run may set; a key left out is Lightning's default."""
+
+    max_epochs: whole(1) = None
+    accelerator: one_of("auto", "cpu", "gpu", "cuda", "mps") = None
+    devices: rule(Literal["auto", -1] | Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=0)]],
+                  "auto, a number of devices >= 1 (-1: all) or a list of device indices") = None
+    num_nodes: whole(1) = None
+    strategy: one_of("auto", "ddp", text="auto or ddp (several processes: trainer=ddp)") = None
+    precision: one_of(*PRECISIONS) = None
+    benchmark: rule(bool | Literal["auto"], "true, false or auto (true on CUDA)") = None
+    deterministic: rule(bool | Literal["warn"], "true, false or warn") = None
+    log_every_n_steps: whole(1) = None
+    check_val_every_n_epoch: whole(1, null="validation every val_check_interval steps") = None
+    fast_dev_run: rule(bool | Annotated[int, Field(ge=0)], "true, false or a whole number of batches") = None
+    limit_train_batches: Batches = None
+    limit_val_batches: Batches = None
+    limit_test_batches: Batches = None
+    enable_progress_bar: Flag = None
+    num_sanity_val_steps: whole(-1) = None
+    max_steps: whole(-1) = None
+    min_epochs: whole(0, null="none") = None
+    min_steps: whole(0, null="none") = None
+    max_time: rule(Annotated[str, Field(pattern=r"^\d+:\d\d:\d\d:\d\d$")], "a duration DD:HH:MM:SS",
+                   null="none") = None
+    accumulate_grad_batches: whole(1) = None
+    val_check_interval: rule(Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)],
+                             "a whole number of steps >= 1 or a fraction of an epoch in (0, 1]", null="1.0") = None
+    overfit_batches: Batches = None
+    detect_anomaly: Flag = None
+    enable_model_summary: Flag = None
+    inference_mode: Flag = None
+
+
+class Checkpoint(Section):
+    every_n_epochs: whole(0)
+
+
+class GuidedBackprop(Section):
+    every_n_epochs: whole(0)
+    num_images: whole(1)
+    layer: LayerName
+    unit: whole(0, null="the predicted class / strongest unit")
+    filters: Flag
+
+
+class Callbacks(Section):
+    checkpoint: Checkpoint
+    progress_bar: one_of("rich", "tqdm", "none")
+    progress_bar_refresh: whole(1)
+    guided_backprop: GuidedBackprop
+
+
+class CSVLogger(Section):
+    kind: Literal["csv"]
+
+
+class NoLogger(Section):
+    kind: Literal["none"]
+
+
+class WandbLogger(Section):
+    kind: Literal["wandb"]
+    project: rule(Annotated[str, Field(min_length=1)], "a W&B project name")
+    entity: string("a W&B team or user", null="your default entity")
+    mode: one_of(*WANDB_MODES)
+    group: string("a W&B group name", null="<model>_lr<lr>")
+    tags: rule(list[str], "a list of tags")
+    log_model: Flag
+    save_dir: string("a folder", null="the run directory")
+
+
+Logger = Annotated[CSVLogger | NoLogger | WandbLogger, Field(discriminator="kind")]
+
+
+class TrainConfig(Section):
+    """src/train.py: conf/train.yaml with its groups."""
+
+    seed: whole(0, 2**32 - 1)  # Lightning's seed_everything range; outside it, it draws a seed of its own
+    ckpt_path: string("a checkpoint file", null="a new run")
+    print_config: Flag
+    model: Model
+    data: Data
+    optim: Optim
+    trainer: Trainer
+    logger: Logger
+    callbacks: Callbacks
+
+    @model_validator(mode="after")
+    def _rules(self):
+        t = self.trainer
+        several = (isinstance(t.devices, int) and t.devices > 1) or (isinstance(t.devices, list) and len(t.devices) > 1)
+        if t.strategy in (None, "auto") and several:  # Lightning's own DDP would relaunch the whole command
+            raise broken("trainer.devices", t.devices, "several devices run one process each: use trainer=ddp "
+                                                       "(or trainer.devices=1)")
+        if t.strategy in (None, "auto") and (t.num_nodes or 1) > 1:
+            raise broken("trainer.num_nodes", t.num_nodes, "several nodes need trainer=ddp")
+        return self
+
+
+# -- conf/eval.yaml, conf/visualize.yaml -------------------------------------------------------------
+KEEP = "the checkpoint's own"
+
+
+class DataReplacement(Section):
+    """The data keys that replace the checkpoint's own (null keeps them)."""
+
+    source: one_of(*SOURCES, null=KEEP) = None
+    path: string("an arrays .npz file", null=KEEP) = None
+    root: string("a folder", null=KEEP) = None
+    download: rule(bool, "true or false", null=KEEP) = None
+    cache_dir: string("a folder", null=KEEP) = None
+    limit_test: whole(1, null=KEEP) = None
+
+
+class EvalConfig(Section):
+    """src/eval.py: conf/eval.yaml. The checkpoint's trainer settings, with the keys given here replaced."""
+
+    ckpt_path: string("a checkpoint file, <run dir>/checkpoints/last.ckpt")
+    data: DataReplacement
+    trainer: Trainer
+
+
+class Viz(Section):
+    figure: one_of(*FIGURES)
+    layer: LayerName
+    unit: whole(0, null="the predicted class / strongest unit")
+    method: one_of(*METHODS)
+    top_k: whole(1)
+    channels: rule(list[Annotated[int, Field(ge=0)]], "a list of channel indices", null="the most active")
+    num_channels: whole(1)
+    num_images: whole(1)
+    batch_size: whole(1)
+
+
+class VisualizeConfig(Section):
+    """src/visualize.py: conf/visualize.yaml."""
+
+    ckpt_path: string("a checkpoint file, <run dir>/checkpoints/last.ckpt")
+    out_dir: string("a folder", null="<run dir>/visualize/<figure>")
+    device: one_of("auto", "cpu", "cuda")
+    viz: Viz
+    data: DataReplacement
+
+
+# -- checking a composed config ----------------------------------------------------------------------
+def validate(cfg: DictConfig, schema: type[BaseModel]) -> None:
+    """Raise a one-line ConfigError for the first key of cfg (without hydra) that schema refuses."""
+    try:
+        data = plain(cfg)
+    except MissingMandatoryValue as e:  # a `???` of the yaml that nothing set
+        field = _field(schema, e.full_key)
+        raise ConfigError(f"{e.full_key}=???: not set; must be {_allowed(field) if field else 'set'}") from None
+    try:
+        schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e.errors()[0], schema)) from None
+
+
+def plain(cfg: DictConfig) -> dict:
+    """cfg as plain values, interpolations resolved, without the hydra node."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        return OmegaConf.to_container(job, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise
+    except OmegaConfBaseException as e:
+        key = e.full_key or "?"
+        raw = _at(OmegaConf.to_container(job, resolve=False), key)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}={shown(raw)}: the interpolation does not resolve ({reason})") from None
+
+
+def _at(container: Any, key: str) -> Any:
+    for part in re.findall(r"[^.\[\]]+", key):
+        try:
+            container = container[int(part)] if isinstance(container, list) else container[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return container
+
+
+def describe(error: dict, schema: type[BaseModel]) -> str:
+    """One pydantic error as its line: `<dotted key>=<value>: <what is allowed>`."""
+    if error["type"] == "rule":
+        ctx = error["ctx"]
+        return f"{ctx['key']}={shown(ctx['value'])}: {ctx['message']}"
+    key, owner = _locate(schema, error["loc"])
+    name = key.rsplit(".", 1)[-1]
+    if error["type"] == "allowed":
+        return f"{key}={shown(error['input'])}: must be {error['ctx']['allowed']}"
+    if error["type"] == "extra_forbidden":
+        section = key.rpartition(".")[0] or "the config"
+        return f"{key}={shown(error['input'])}: unknown key; {section} has: {', '.join(owner.model_fields)}"
+    if error["type"] == "missing":
+        field = _field(schema, key)
+        return f"{key} is not set; must be {_allowed(field) if field else 'set'}"
+    if error["type"].startswith("union_tag"):  # a discriminated section: the key that picks its form
+        ctx = error["ctx"]
+        tag = ctx["discriminator"].strip("'")
+        return f"{key}.{tag}={shown(ctx.get('tag'))}: must be one of: {ctx['expected_tags'].replace(chr(39), '')}"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type") and owner is not None:
+        sub = _nested(owner.model_fields[name].annotation)
+        keys = sub.model_fields if isinstance(sub, type) else sorted({k for m in sub.values() for k in m.model_fields})
+        return f"{key}={shown(error['input'])}: must be a section with the keys {', '.join(keys)}"
+    return f"{key}={shown(error.get('input'))}: {error['msg']}"
+
+
+def _nested(annotation: Any) -> type[BaseModel] | dict[str, type[BaseModel]] | None:
+    """The section a field holds: a model, {tag: model} for a discriminated union, or None for a value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    members = [m for m in typing.get_args(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    if members:
+        return {typing.get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
+    return None
+
+
+def _locate(schema: type[BaseModel], loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The dotted key of an error's loc (pydantic's union tags dropped) and the model holding its last key."""
+    parts: list[str] = []
+    holder: Any = schema
+    owner = None
+    for part in loc:
+        if isinstance(holder, dict):  # the loc names the union member by its tag
+            holder = holder.get(part)
+            continue
+        parts.append(str(part))
+        owner = holder
+        field = holder.model_fields.get(part) if holder is not None else None
+        holder = _nested(field.annotation) if field is not None else None
+    return ".".join(parts), owner
+
+
+def _field(schema: type[BaseModel], key: str):
+    """The field that declares a dotted key (in any form of a discriminated section), or None."""
+    holder: Any = schema
+    field = None
+    for part in key.split("."):
+        forms = [holder] if isinstance(holder, type) else list((holder or {}).values())
+        field = next((m.model_fields[part] for m in forms if part in m.model_fields), None)
+        if field is None:
+            return None
+        holder = _nested(field.annotation)
+    return field
+
+
+def _allowed(field) -> str | None:
+    return next((m for m in field.metadata if isinstance(m, Allowed)), None)
+
+
+def declared(schema: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every key schema declares, dotted; a discriminated section declares the keys of all its forms."""
+    keys: set[str] = set()
+    for name, field in schema.model_fields.items():
+        sub = _nested(field.annotation)
+        if sub is None:
+            keys.add(prefix + name)
+        for model in [sub] if isinstance(sub, type) else (sub or {}).values():
+            keys |= declared(model, f"{prefix}{name}.")
+    return keys
