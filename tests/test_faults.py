@@ -268,6 +268,26 @@ class _SignalAt(L.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._send(trainer, "validation")
 
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._send(trainer, "epoch start")
+
+
+def _stop_before_the_step_as_ddp_does(monkeypatch) -> None:
+    """Under DDP, Lightning broadcasts rank 0's signal flag at the start of each step and stops there, before the
+    epoch's first batch is drawn when the signal came at the epoch's start; one process stops only after a step.
+    That broadcast's stop, in one process (the 2-process run is the SLURM check's DDP job)."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    advance = _TrainingEpochLoop.advance
+
+    def broadcast_then_advance(self, data_fetcher):
+        if self.trainer.received_sigterm:
+            raise SIGTERMException()
+        return advance(self, data_fetcher)
+
+    monkeypatch.setattr(_TrainingEpochLoop, "advance", broadcast_then_advance)
+
 
 def _inprocess_cfg(tmp: Path, val_size: int):
     from hydra import compose, initialize_config_dir
@@ -302,7 +322,8 @@ def inprocess_reference(tmp_path_factory):
     ("step 2", signal.SIGTERM, 32, "at epoch 1, step 2 of 4: saved {ckpt}"),
     ("last step", signal.SIGINT, 0, "at the end of epoch 1: saved {ckpt}"),
     ("last step", signal.SIGTERM, 32, "during validation of epoch 1; continue from the last checkpoint with: "),
-], ids=["mid-epoch", "end-of-epoch", "validation"])
+    ("epoch start", signal.SIGUSR2, 0, "at epoch 1, step 0 of 5: saved {ckpt}"),
+], ids=["mid-epoch", "end-of-epoch", "validation", "ddp-epoch-start"])
 def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_reference, monkeypatch, capsys,
                                                                    where, signum, val_size, said):
     from allconv import callbacks
@@ -313,10 +334,12 @@ def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_ref
     ckpt = run / "checkpoints" / "last.ckpt"
     build = callbacks.build_callbacks
     monkeypatch.setattr(callbacks, "build_callbacks", lambda c, d: build(c, d) + [_SignalAt(where, signum)])
+    if where == "epoch start":
+        _stop_before_the_step_as_ddp_does(monkeypatch)
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when the suite runs as a background job
     with pytest.raises(Interrupted) as info, callbacks.interrupted_as_error():
         experiment.train(cfg, run)
-    monkeypatch.setattr(callbacks, "build_callbacks", build)
+    monkeypatch.undo()
     e, name = info.value, signal.Signals(signum).name
     assert e.exit_code == 128 + signum and e.status == "interrupted"
     assert str(e).startswith(f"interrupted by {name} " + said.format(ckpt=ckpt)) and str(e).endswith(f"resume={run}")
@@ -355,6 +378,17 @@ def test_loader_state_resumes_the_epoch_with_the_same_batches_and_augmentation()
     later = loader(4)  # a state from another epoch (an end-of-epoch checkpoint) does not apply
     later.load_state_dict(state)
     assert len(list(later)) == len(whole)
+
+    epoch = [3]  # the trainer's epoch moves on before the next epoch's first batch is drawn
+    running = DeviceLoader(x, y, 8, shuffle=True, augment=True, translate=2, seed=4, epoch=lambda: epoch[0])
+    assert len(list(running)) == len(whole)
+    epoch[0] = 4
+    batches = iter(running)  # Lightning's iter() at the epoch start; no batch asked for yet
+    at_start = running.state_dict()  # a checkpoint here (a DDP stop at step 0) holds epoch 3's count
+    assert at_start["epoch"] == 3 and at_start["served"] == len(whole)
+    resumed = loader(4)
+    resumed.load_state_dict(at_start)
+    assert len(list(resumed)) == len(whole) == len(list(batches))  # epoch 4 is trained whole, not skipped
 
 
 # -- the cost estimate ------------------------------------------------------------------------------------

@@ -329,11 +329,16 @@ class DeviceLoader:
         self.augment, self.translate, self.seed = augment, translate, seed
         self.rank, self.world_size = rank, world_size
         self._epoch = epoch or (lambda: 0)
-        self._served, self._gen, self._resume = 0, None, None
+        self._served, self._serving, self._gen, self._resume = 0, None, None, None
 
     def state_dict(self) -> dict:
-        """Where this epoch stands; Lightning keeps it in the checkpoint of a run stopped mid-epoch."""
-        return {"epoch": self._epoch(), "served": self._served,
+        """Where the epoch being served stands; Lightning keeps it in the checkpoint of a run stopped mid-epoch.
+
+        The epoch is the one these batches were drawn for, not the trainer's: a checkpoint written after an
+        epoch has begun and before its first batch (a DDP stop at step 0) still holds the previous epoch's
+        count, which must not apply to the new one.
+        """
+        return {"epoch": self._serving, "served": self._served,
                 "generator": self._gen.get_state() if self._gen is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,15 +360,17 @@ class DeviceLoader:
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
+        # A generator: nothing below runs (and no resume state is used up) until the first batch is asked for,
+        # so Lightning's own iter() checks leave it alone.
+        epoch, idx = self._epoch(), self._indices()
         resume, self._resume = self._resume, None
-        start = resume["served"] if resume and resume["epoch"] == self._epoch() else 0
+        start = resume["served"] if resume and resume["epoch"] == epoch else 0
         gen = None
         if self.augment:
-            gen = torch.Generator(device=self.x.device).manual_seed(self.seed * 7919 + self._epoch() * 31 + self.rank)
+            gen = torch.Generator(device=self.x.device).manual_seed(self.seed * 7919 + epoch * 31 + self.rank)
             if start:
                 gen.set_state(resume["generator"])
-        self._gen, self._served = gen, start
+        self._gen, self._served, self._serving = gen, start, epoch
         for b in range(start, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.x[sel]
