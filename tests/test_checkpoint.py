@@ -102,3 +102,29 @@ def test_crafted_checkpoint_through_eval_and_resume_is_one_line_and_runs_nothing
     assert "last.ckpt" in err and "start the run again" in err
     assert not marker.exists()
     assert not (tmp_path / "outputs").exists()  # nothing written: no eval folder, no run folder
+
+
+def test_a_saved_width_that_does_not_fit_the_weights_is_refused_before_allocating(trained, tmp_path, monkeypatch):
+    """The shapes are compared on the meta device first, and no network of the saved size is built (width 64
+    would be 5 billion parameters; 2, 5 million, keeps a regression of this test affordable)."""
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["net"]["width"] = 2.0
+    path = tmp_path / "wide.ckpt"
+    torch.save(ckpt, path)
+    from allconv import models
+
+    built = []
+    build = models.build
+
+    def recording_build(*args, **kwargs):
+        net = build(*args, **kwargs)
+        built.append(next(net.parameters()).device.type)
+        return net
+
+    monkeypatch.setattr(models, "build", recording_build)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(path)
+    assert str(e.value).startswith(f"checkpoint {str(path)!r} does not match its own model (hyper_parameters.net "
+                                   f"builds ") and "the file holds" in str(e.value)
+    assert built == ["meta"]  # nothing of that size was allocated
