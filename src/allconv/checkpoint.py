@@ -129,17 +129,21 @@ def datamodule(ckpt: dict, path: str | Path, given: DictConfig | None = None):
 def module_from(ckpt: dict, path: str | Path) -> AllConvModule:
     """The trained network of a read() checkpoint, in eval mode, built from hyper_parameters.net and num_classes."""
     hp = ckpt["hyper_parameters"]
+
+    def build() -> AllConvModule:
+        return AllConvModule(dict(hp["net"]), num_classes=hp.get("num_classes", 10))  # eager, no compile
+
     try:
         # First on the meta device (no memory): a saved width or class count that does not fit the saved
         # tensors is refused before a network of that size is allocated.
         with torch.device("meta"):
-            shapes = AllConvModule(dict(hp["net"]), num_classes=hp.get("num_classes", 10)).state_dict()
+            shapes = build().state_dict()
         saved = ckpt["state_dict"]
         for name, t in shapes.items():
             if name in saved and isinstance(saved[name], torch.Tensor) and saved[name].shape != t.shape:
                 raise ValueError(f"hyper_parameters.net builds {name} of shape {tuple(t.shape)}, "
                                  f"the file holds {tuple(saved[name].shape)}")
-        module = AllConvModule(dict(hp["net"]), num_classes=hp.get("num_classes", 10))  # eager, no compile
+        module = build()
         module.load_state_dict(saved)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
