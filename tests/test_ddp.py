@@ -68,3 +68,64 @@ def test_ddp_inside_a_two_job_multirun(tmp_path):
         assert ckpt["global_step"] == 64 // 2 // 32
     assert weights[0] != weights[1]  # two jobs, two seeds: two trainings, not one run twice
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_one_step_and_resumes_exactly(tmp_path):
+    """Ranks started by the cluster (SLURM tasks, torchrun), as here by hand: a signal reaches each rank on its own,
+    and Lightning shares it only at the start of a step while its checks after a step read each rank's own flag.
+    SIGTERM to rank 0 alone must stop both ranks after the same step, with one checkpoint (a rank that stopped
+    alone would leave the other waiting in the next step's collective), and the resumed run must end with the
+    uninterrupted run's weights."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from conftest import PYTHON, TRAIN_PY
+
+    data = write_npz(tmp_path / "data.npz", n_train=256, n_test=32)
+    common = [*TINY, *[o for o in DDP if o != "data.batch_size=32"], "data.batch_size=16", "trainer.max_epochs=3",
+              "data=npz", f"data.path={data}", "data.preprocess=standardize"]
+    rc, _, err = run_cli(*common, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
+    assert rc == 0, err[-3000:]
+
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    logs = [tmp_path / f"rank{r}.txt" for r in (0, 1)]
+    ranks = []
+    for r, extra in ((0, []), (1, ["hydra.output_subdir=null"])):  # rank 0 writes the run's .hydra, rank 1 joins
+        with logs[r].open("w") as out:
+            ranks.append(subprocess.Popen([PYTHON, str(TRAIN_PY), *common, f"hydra.run.dir={run}", *extra],
+                                          cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                          stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        while r == 0 and not (run / ".hydra").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in ranks), logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        ranks[0].send_signal(signal.SIGTERM)  # rank 0 only; rank 1 gets no signal
+        codes = [p.wait(timeout=60) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    err = logs[0].read_text() + logs[1].read_text()
+    assert codes == [128 + signal.SIGTERM] * 2, err[-3000:]
+    stops = re.findall(r"interrupted by SIGTERM at (epoch \d+, step \d+ of \d+): saved", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # both ranks, after the same step
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+    rc, _, err = run_cli(f"resume={run}", cwd=tmp_path)
+    assert rc == 0, err[-3000:]
+    ours, reference = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                       for d in (run, tmp_path / "reference"))
+    assert ours["global_step"] == reference["global_step"] == 3 * 256 // 2 // 16
+    assert all(torch.equal(ours["state_dict"][k], v) for k, v in reference["state_dict"].items())

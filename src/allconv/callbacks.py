@@ -67,10 +67,20 @@ class Preemption(L.Callback):
     message is the command that resumes the run. A second signal ends the process at once.
 
     The USR signals take the same route, so every preemption signal of SLURM and submitit stops at a step
-    boundary with one checkpoint, and under DDP every rank stops at the same step (Lightning reduces the
-    flag across ranks at each step). Lightning's own SLURM auto-requeue (SIGUSR1: save hpc_ckpt_<n>.ckpt from
+    boundary with one checkpoint. Lightning's own SLURM auto-requeue (SIGUSR1: save hpc_ckpt_<n>.ckpt from
     inside the signal handler, one step short of where the run stops, then `scontrol requeue`) is switched
     off in setup(), before Lightning registers its handlers.
+
+    Under DDP the ranks decide together. Lightning only shares rank 0's flag at the start of a step; its
+    checks after a step and at an epoch's end read each rank's own flag, so a rank signalled there (or one
+    whose handler waits while it is blocked in a collective) would stop alone and leave the others in the
+    next step's collective: a hang until the scheduler kills the job, with no checkpoint. So on several
+    ranks the handler only records the signal, and at every batch end the ranks reduce it (the largest
+    signal number, 0 for none); when any rank was signalled, every rank raises Lightning's flag there and
+    all stop after that same step. The cost is one scalar all-reduce per step, beside Lightning's own
+    per-step broadcast of the flag. Only training steps are agreed on (every rank takes the same number;
+    validation and test shards may differ by a batch), so on several ranks a signal during validation
+    stops the run after the next training step, and one during the test lets the test finish.
     """
 
     def __init__(self, run_dir: str | Path, dirpath: str | Path | None = None):
@@ -78,15 +88,19 @@ class Preemption(L.Callback):
         self.ckpt = Path(dirpath or self.run_dir / "checkpoints") / "last.ckpt"
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._lightning_handler = None
+        self._ranks = 1
+        self._agreed: int | None = None  # the signal the ranks agreed to stop on (several ranks)
         self._rng: list | None = None
         self._steps = 0
 
     # -- the signals -----------------------------------------------------------------------
-    def _install(self) -> None:
+    def _install(self, trainer) -> None:
         lightning_handler = signal.getsignal(signal.SIGTERM)  # Lightning's, registered before any *_start hook
         main = threading.current_thread() is threading.main_thread()
         if self._previous or not callable(lightning_handler) or not main:
             return
+        self._lightning_handler, self._ranks = lightning_handler, trainer.world_size
 
         def handler(signum, frame):
             if self.signum is not None:  # asked twice: stop now, as the signal's default does
@@ -96,11 +110,27 @@ class Preemption(L.Callback):
             self.signum = signum
             print(f"{signal.Signals(signum).name}: stopping at the end of this step to save a checkpoint "
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)
-            lightning_handler(signal.SIGTERM, frame)
+            if self._ranks == 1:  # on several ranks, _agree() raises Lightning's flag on all of them at once
+                lightning_handler(signal.SIGTERM, frame)
 
         for signum in PREEMPTION_SIGNALS:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, handler)
+
+    def _agree(self, trainer) -> None:
+        """Several ranks: the largest signal any rank received, on every rank; if any, Lightning's flag on all."""
+        if self._ranks == 1 or self._lightning_handler is None or trainer.received_sigterm:
+            return
+        import torch
+        import torch.distributed as dist
+
+        signum = torch.tensor([self.signum or 0], device=trainer.strategy.root_device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            # Not self.signum: Lightning's handler forwards SIGTERM to the ranks it launched, and that signal,
+            # arriving next, must not count as a second one (which stops at once).
+            self._agreed = int(signum.item())
+            self._lightning_handler(signal.SIGTERM, None)
 
     def _restore(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -137,7 +167,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer, pl_module):
         import torch
 
-        self._install()
+        self._install(trainer)
         rng, self._rng = self._rng, None
         if rng:  # mid-epoch, no on_train_epoch_start (no EpochSeed) follows; else the next epoch reseeds anyway
             mine = rng[trainer.global_rank] if trainer.global_rank < len(rng) else rng[0]
@@ -150,9 +180,10 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._steps = batch_idx + 1  # steps done in this epoch, for the message
+        self._agree(trainer)  # before Lightning's own check after this step
 
     def on_test_start(self, trainer, pl_module):
-        self._install()
+        self._install(trainer)
 
     def on_train_end(self, trainer, pl_module):
         self._restore()
@@ -165,7 +196,7 @@ class Preemption(L.Callback):
         self._restore()
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signum or signal.SIGTERM
+        signum = self._agreed or self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
         command = resume_command(self.run_dir)
         fitting = trainer.state.fn == TrainerFn.FITTING
