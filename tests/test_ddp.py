@@ -71,7 +71,8 @@ def test_ddp_inside_a_two_job_multirun(tmp_path):
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_one_step_and_resumes_exactly(tmp_path):
-    """Ranks started by the cluster (SLURM tasks, torchrun), as here by hand: a signal reaches each rank on its own,
+    """Ranks started by the cluster (SLURM tasks, torchrun), as here by hand, rank 1 first (it must leave the run
+    folder to rank 0): a signal reaches each rank on its own,
     and Lightning shares it only at the start of a step while its checks after a step read each rank's own flag.
     SIGTERM to rank 0 alone must stop both ranks after the same step, with one checkpoint (a rank that stopped
     alone would leave the other waiting in the next step's collective), and the resumed run must end with the
@@ -98,15 +99,17 @@ def test_a_signal_to_one_rank_stops_every_rank_after_one_step_and_resumes_exactl
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": "2", "NODE_RANK": "0"}
     logs = [tmp_path / f"rank{r}.txt" for r in (0, 1)]
-    ranks = []
-    for r, extra in ((0, []), (1, ["hydra.output_subdir=null"])):  # rank 0 writes the run's .hydra, rank 1 joins
+    ranks = {}
+    for r in (1, 0):  # rank 1 first: its Hydra makes the run folder, and must leave it to rank 0 (no .hydra of its own)
         with logs[r].open("w") as out:
-            ranks.append(subprocess.Popen([PYTHON, str(TRAIN_PY), *common, f"hydra.run.dir={run}", *extra],
-                                          cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                          stdout=out, stderr=subprocess.STDOUT))
+            ranks[r] = subprocess.Popen([PYTHON, str(TRAIN_PY), *common, f"hydra.run.dir={run}"], cwd=tmp_path,
+                                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out,
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while r == 0 and not (run / ".hydra").is_dir() and time.monotonic() < deadline:
+        while r == 1 and not run.is_dir() and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(1 if r == 1 else 0)  # what rank 1 would write next to the folder, it has written by now
+    ranks = [ranks[0], ranks[1]]
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from allconv.errors import AllConvError, ConfigError
 
@@ -180,6 +180,9 @@ class Preflight(Callback):
                 from allconv import run_folder
 
                 run_folder.check_single_run(config)
+                if run_folder.is_secondary_rank():  # a rank started by torchrun or srun: the folder is rank 0's
+                    with read_write(config.hydra), open_dict(config.hydra):
+                        config.hydra.output_subdir = None  # run_job reads it from this config next
             if self.output_key and OmegaConf.select(config, self.output_key) is not None:
                 check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
 
