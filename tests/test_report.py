@@ -24,7 +24,7 @@ def write_run(root: Path, model: str, lr: float, seed: int, test: float | None =
         return run
     m = {"status": status, "model": model, "lr": lr, "seed": seed}
     if status == "ok":
-        names = {"all_cnn_c": "All-CNN-C", "model_a": "Model A"}
+        names = {"all_cnn_c": "All-CNN-C", "model_a": "Model A", "model_c": "Model C"}
         m |= {"network": names[model], "test_error": test, "params": 1000, "wall_time_s": 90.0, "data": "npz",
               "width": 0.25, "epochs": 1} | extra
         if val is not None:
@@ -284,6 +284,19 @@ def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
     text, _ = table.report([sweep], plot=False)
     assert table_rows(text)["All-CNN-C"][2:6] == ["0.05, cap 0.125 (of 2)", "validation", "0", "30.00"]
     assert "update cap 0.125 or none" in text
+
+
+def test_augmented_run_is_its_own_row_and_stays_out_of_the_rank_order(tmp_path):
+    plain, augmented = tmp_path / "plain", tmp_path / "augmented"
+    write_run(plain, "all_cnn_c", 0.05, 0, test=0.30, augment=False)
+    write_run(plain, "model_c", 0.05, 0, test=0.20, augment=False)  # ahead of All-CNN-C: the paper's claim fails
+    write_run(augmented, "all_cnn_c", 0.05, 0, test=0.10, augment=True)  # would carry the claim if pooled
+    text, _ = table.report([plain, augmented], plot=False)
+    rows = table_rows(text)
+    assert rows["All-CNN-C"][4:8] == ["0", "30.00", "9.08", "11.17"]  # not the mean of the two: 20.00
+    assert rows["All-CNN-C, augmented"][4:8] == ["0", "10.00", "7.25", "–"]
+    assert "| All-CNN-C beats Model C | 9.08 vs 9.74 | 30.00 vs 20.00 | no |" in text
+    assert "over the 2 networks" in text and "augmentation on some runs" in text
 
 
 def test_table1_chart_and_header_state_the_settings(tmp_path, monkeypatch):

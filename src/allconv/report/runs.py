@@ -29,6 +29,8 @@ REFERENCE: dict[str, tuple[float, float]] = {
     "model_c": (9.74, 11.11), "strided_cnn_c": (10.19, 12.91), "convpool_cnn_c": (9.31, 11.09),
     "all_cnn_c": (9.08, 11.17),
 }
+# With augmentation (translations and flips) the paper reports All-CNN-C only; the review ran none.
+AUGMENTED_REFERENCE: dict[str, tuple[float, float | None]] = {"all_cnn_c": (7.25, None)}
 ORDER = [models.config_name(f, v) for f, v in models.all_networks()]
 # The paper's training setting; a setting missing from a run's files is not compared.
 PAPER = {"width": 1.0, "epochs": 350, "data": "CIFAR-10", "preprocess": "gcn_zca", "augment": False,
@@ -56,6 +58,12 @@ class Run:
         if m.get("variant") in models.NAMES and isinstance(m.get("family"), str):
             return models.paper_name(m["family"], m["variant"])
         return self.model or "?"
+
+    @property
+    def augmented(self) -> bool:
+        """data.augment (saved config, else metrics.json): an augmented run is its own row, never a plain one's seed."""
+        data = self.config.get("data")
+        return (data.get("augment") if isinstance(data, dict) else self.metrics.get("augment")) is True
 
     @property
     def cap(self) -> float | None:

@@ -5,6 +5,8 @@ Per model the learning rate is chosen on the mean validation error over seeds wh
 model has one, otherwise on the test error, labelled so ("selected on test, as the paper did");
 (model, lr, seed) cells of the grid with no folder are listed as missing. The table (report.md) and
 a bar chart of ours vs the paper vs the review (report.png) go to --out (default: the first folder).
+Runs with data.augment are a row of their own beside the plain one (the paper's augmented error beside
+it) and stay out of the rank order and the claims, which are Table 1's, without augmentation.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from allconv import models
 from allconv.report.pages import runs_or_error, save_figure, wrap, writable, write_page
-from allconv.report.runs import ORDER, REFERENCE, Run, _cap_text, _g, fmt_time, settings_label
+from allconv.report.runs import AUGMENTED_REFERENCE, ORDER, REFERENCE, Run, _cap_text, _g, fmt_time, settings_label
 
 ON_TEST = "selected on test, as the paper did"
 NAME = {models.config_name(f, v): models.paper_name(f, v) for f, v in models.all_networks()}
@@ -37,18 +39,24 @@ class Row:
     params: int | None
     wall_s: float | None
     n_lrs: int                       # settings (lr, cap) tried for this model
+    augmented: bool = False          # trained with data.augment: its own row, outside the paper's Table 1
+
+    @property
+    def reference(self) -> tuple[float | None, float | None]:
+        """(the paper's, the review's) error in % for this row's setting; None where neither reports one."""
+        return (AUGMENTED_REFERENCE if self.augmented else REFERENCE).get(self.model, (None, None))
 
 
 def summarise(runs: list[Run]) -> tuple[list[Row], list[Run], list[tuple[str, float, int]]]:
     """(one row per model, the runs that did not finish, the (model, lr, seed) cells with no folder)."""
     ok = [r for r in runs if r.status == "ok" and r.model and r.lr is not None]
     bad = [r for r in runs if r not in ok]
-    by_model: dict[str, dict[tuple, list[Run]]] = {}
+    by_model: dict[tuple[str, bool], dict[tuple, list[Run]]] = {}
     for r in ok:
-        by_model.setdefault(r.model, {}).setdefault((r.lr, r.cap), []).append(r)
+        by_model.setdefault((r.model, r.augmented), {}).setdefault((r.lr, r.cap), []).append(r)
     rows = []
-    for model in sorted(by_model, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m)):
-        cells = by_model[model]
+    for model, augmented in sorted(by_model, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else len(ORDER), *k)):
+        cells = by_model[model, augmented]
         on_val = all("val_error" in r.metrics for rs in cells.values() for r in rs)
         key = "val_error" if on_val else "test_error"
         best = min(cells, key=lambda s: (statistics.fmean(r.metrics[key] for r in cells[s]), s[0],
@@ -56,9 +64,10 @@ def summarise(runs: list[Run]) -> tuple[list[Row], list[Run], list[tuple[str, fl
         chosen = sorted(cells[best], key=lambda r: r.seed)
         mean, std = _mean_std([100 * r.metrics["test_error"] for r in chosen])
         walls = [r.metrics["wall_time_s"] for r in chosen if isinstance(r.metrics.get("wall_time_s"), (int, float))]
-        rows.append(Row(model, chosen[0].metrics.get("network", model), best[0], best[1], [r.seed for r in chosen],
+        name = chosen[0].metrics.get("network", model) + (", augmented" if augmented else "")
+        rows.append(Row(model, name, best[0], best[1], [r.seed for r in chosen],
                         (mean, std), "validation" if on_val else ON_TEST, chosen[0].metrics.get("params"),
-                        statistics.fmean(walls) if walls else None, len(cells)))
+                        statistics.fmean(walls) if walls else None, len(cells), augmented))
     present = {(r.model, r.lr, r.seed) for r in runs}
     grid_models = sorted({r.model for r in runs if r.model}, key=lambda m: ORDER.index(m) if m in ORDER else 99)
     lrs = sorted({r.lr for r in runs if r.lr is not None}, reverse=True)
@@ -83,7 +92,7 @@ def markdown(rows: list[Row], bad: list[Run], missing: list, runs: list[Run]) ->
              "| params | wall time / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper, review = REFERENCE.get(r.model, (None, None))
+        paper, review = r.reference
         params = f"{r.params:,}" if isinstance(r.params, int) else "–"
         cap = f", {_cap_text(r.cap)}" if show_cap else ""
         lines.append(f"| {r.name} | {r.lr:g}{cap} (of {r.n_lrs}) | {r.selected_on} | {', '.join(map(str, r.seeds))} "
@@ -141,7 +150,7 @@ class Claim:
 def claims(rows: list[Row]) -> list[Claim]:
     """The paper's comparisons within each family, in the direction Table 1 gives them, checked on our rows:
     All-CNN vs the base model, ConvPool vs All-CNN, and the strided network last of its family."""
-    ours = {r.model: r.test[0] for r in rows}
+    ours = {r.model: r.test[0] for r in rows if not r.augmented}
     paper = {m: REFERENCE[m][0] for m in REFERENCE}
     out = []
     for f in "abc":
@@ -162,7 +171,9 @@ def claims(rows: list[Row]) -> list[Claim]:
 
 
 def comparison(rows: list[Row]) -> list[str]:
-    """Markdown: the rank order against the paper's (Spearman's rho) and the paper's claims one by one."""
+    """Markdown: the rank order against the paper's (Spearman's rho) and the paper's claims one by one, over
+    the plain (unaugmented) rows: Table 1's setting."""
+    rows = [r for r in rows if not r.augmented]
     ranked = [r for r in rows if r.model in REFERENCE]
     if not ranked:
         return []
@@ -191,12 +202,13 @@ def bar_figure(rows: list[Row], label: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [r.model for r in rows]
+    labels = [r.model + (" +aug" if r.augmented else "") for r in rows]
+    refs = [[np.nan if v is None else v for v in r.reference] for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(rows) + 2), 5.0), layout="constrained")
     ax.bar(x - 0.27, [r.test[0] for r in rows], 0.27, yerr=[r.test[1] for r in rows], capsize=3, label="ours")
-    ax.bar(x, [REFERENCE.get(m, (np.nan,) * 2)[0] for m in labels], 0.27, label="paper")
-    ax.bar(x + 0.27, [REFERENCE.get(m, (np.nan,) * 2)[1] for m in labels], 0.27, label="review")
+    ax.bar(x, [paper for paper, _ in refs], 0.27, label="paper")
+    ax.bar(x + 0.27, [review for _, review in refs], 0.27, label="review")
     ax.set_xticks(x, labels, rotation=35, ha="right")
     ax.set_ylabel("test error (%)")
     ax.set_title(wrap(f"ours: {label[0].lower()}{label[1:]}", 80), fontsize=9)
