@@ -69,11 +69,11 @@ grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 
 	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --grid --md $(GRID)/grid.md --png $(GRID)/grid.png
 
 TABLE ?= multirun/table_cpu
-table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> $(TABLE)/plain/report.md
+table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> $(TABLE)/report.md
 	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweep.dir=$(TABLE)/plain $(ARGS)
 	$(BIN)/python src/train.py experiment=table_cpu data.path=$(ARRAYS) hydra.sweeper.params.model=all_cnn_c \
 	  data.augment=true hydra.sweep.dir=$(TABLE)/augmented $(ARGS)
-	$(BIN)/python src/report.py $(TABLE)/plain --out $(TABLE)/plain   # the augmented run: $(TABLE)/augmented/*/metrics.json
+	$(BIN)/python src/report.py $(TABLE)/plain $(TABLE)/augmented --out $(TABLE)
 
 clean:  ## remove outputs (not the venv, not data)
 	rm -rf outputs multirun .pytest_cache

@@ -59,14 +59,16 @@ def killed_and_resumed(tmp_path_factory):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / "metrics.json").exists()
-    saved_epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    saved_epoch, saved_clock = saved["epoch"], saved["callbacks"]["FitClock"]["elapsed_s"]
     assert saved_epoch < EPOCHS - 1
     rows_before = csv_rows(killed)
 
     rc, out, err = run_cli(f"resume={killed}", cwd=tmp)
     assert rc == 0, err[-3000:]
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
-    return {"full": full, "killed": killed, "saved_epoch": saved_epoch, "rows_before": rows_before}
+    return {"full": full, "killed": killed, "saved_epoch": saved_epoch, "saved_clock": saved_clock,
+            "rows_before": rows_before}
 
 
 @pytest.mark.subprocess
@@ -90,6 +92,19 @@ def test_resumed_process_trains_only_the_epochs_after_the_checkpoint(killed_and_
     # process's: a retrained epoch would be a new row (its own epoch_time_s), not one of these.
     written_by_resume = [row for row in csv_rows(r["killed"]) if row not in before]
     assert trained_epochs(written_by_resume) == list(range(r["saved_epoch"] + 1, EPOCHS))
+
+
+@pytest.mark.subprocess
+def test_resumed_run_reports_the_training_time_of_all_its_launches(killed_and_resumed):
+    """wall_time_s of a resumed run = the killed launch's time up to its checkpoint + the resumed launch's."""
+    r = killed_and_resumed
+    wall = json.loads((r["killed"] / "metrics.json").read_text())["wall_time_s"]
+    epoch_times = [float(row["epoch_time_s"]) for row in csv_rows(r["killed"])
+                   if row not in r["rows_before"] and row.get("epoch_time_s")]
+    assert epoch_times and r["saved_clock"] > 0
+    assert wall >= r["saved_clock"] + sum(epoch_times)
+    final = torch.load(r["killed"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert r["saved_clock"] < final["callbacks"]["FitClock"]["elapsed_s"] <= wall
 
 
 @pytest.mark.subprocess

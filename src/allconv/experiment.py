@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -196,18 +195,18 @@ def write_json(path: Path, obj: dict) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
     from allconv.callbacks import build_callbacks
-    from allconv.resume import EpochSeed
+    from allconv.resume import EpochSeed, FitClock
 
     dm = build_datamodule(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed)]  # a resumed run repeats the same draws
+    clock = FitClock()
+    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock]  # a resumed run repeats the same draws
     trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
-    start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
-    wall = time.perf_counter() - start
+    wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
     if trainer.world_size > 1:  # record that the ranks agree (weights, one ZCA fit)
         from allconv import ddp

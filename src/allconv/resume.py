@@ -25,10 +25,13 @@ Lightning's checkpoint restores weights, optimiser, schedule and loop counters b
 state, so EpochSeed reseeds the global RNG (dropout) at the start of every epoch from (seed,
 epoch, rank): a resumed run then draws what the uninterrupted run would have drawn, and ends with
 the same weights. The data order is already a function of (seed, epoch) (data.DeviceLoader).
+FitClock carries the training time in the checkpoint, so metrics.json's wall_time_s is the run's, over all
+its launches.
 """
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from pathlib import Path
 
@@ -235,3 +238,26 @@ class EpochSeed(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank) % 2**63)
+
+
+class FitClock(L.Callback):
+    """The run's training time summed over its launches: saved in each checkpoint, so a resumed run's
+    wall_time_s is that of the whole run, not of its last launch. Work lost to an interruption (the epoch
+    after the last checkpoint, redone by the resume) is not counted."""
+
+    def __init__(self):
+        self.before = 0.0  # the launches before this one, from the checkpoint
+        self.start = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        elapsed = state_dict.get("elapsed_s")
+        self.before = float(elapsed) if isinstance(elapsed, (int, float)) and elapsed >= 0 else 0.0
