@@ -211,7 +211,9 @@ def bar_figure(rows: list[Row], label: str):
     ax.bar(x + 0.27, [review for _, review in refs], 0.27, label="review")
     ax.set_xticks(x, labels, rotation=35, ha="right")
     ax.set_ylabel("test error (%)")
-    ax.set_title(wrap(f"ours: {label[0].lower()}{label[1:]}", 80), fontsize=9)
+    seeds = sorted({s for r in rows for s in r.seeds})
+    seed_text = f"Seed{'s' if len(seeds) > 1 else ''}: {', '.join(map(str, seeds))}."
+    ax.set_title(wrap(f"ours: {label[0].lower()}{label[1:]} {seed_text}", 80), fontsize=9)
     fig.suptitle("Test error: ours vs the paper (Table 1) vs the review")
     ax.legend()
     return fig
