@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from allconv.resume import ResumeError, expand_argv
+from allconv.resume import FitClock, ResumeError, expand_argv
 from conftest import PYTHON, TRAIN_PY, run_cli, write_npz
 
 EPOCHS = 3
@@ -127,3 +127,11 @@ def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
     with pytest.raises(ResumeError, match="already finished"):
         expand_argv(["train.py", f"resume={run}"])
     assert expand_argv(["train.py", "model=model_a"]) == ["train.py", "model=model_a"]
+
+
+@pytest.mark.parametrize("saved, before", [(12.5, 12.5), (float("nan"), 0.0), (float("inf"), 0.0), (-3.0, 0.0),
+                                           ("12", 0.0), (True, 0.0), (None, 0.0)])
+def test_fit_clock_takes_only_a_finite_time_from_a_checkpoint(saved, before):
+    clock = FitClock()
+    clock.load_state_dict({"elapsed_s": saved})
+    assert clock.before == before and clock.elapsed() == before  # not started: nothing of this launch yet

@@ -31,6 +31,7 @@ its launches.
 
 from __future__ import annotations
 
+import math
 import time
 from functools import cache
 from pathlib import Path
@@ -259,5 +260,6 @@ class FitClock(L.Callback):
         return {"elapsed_s": self.elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        elapsed = state_dict.get("elapsed_s")
-        self.before = float(elapsed) if isinstance(elapsed, (int, float)) and elapsed >= 0 else 0.0
+        elapsed = state_dict.get("elapsed_s")  # from a checkpoint that may come from elsewhere: a number or nothing
+        ok = isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and math.isfinite(elapsed)
+        self.before = float(elapsed) if ok and elapsed >= 0 else 0.0
