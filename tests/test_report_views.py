@@ -18,22 +18,24 @@ NAMES = {m: table.NAME[m] for m in runs.ORDER}
 
 def write_table_run(root: Path, model: str, test: float, lr: float = 0.05, cap: float | None = 0.125,
                     curve: list[tuple[float, float, float]] | None = None, status: str = "ok",
-                    error: str = "") -> Path:
+                    error: str = "", seed: int = 0, final_weights: str = "zero", spread: float | None = None) -> Path:
     """A finished run folder as train.py leaves it: metrics.json, .hydra/config.yaml, csv/metrics.csv."""
-    run = root / f"{model}_lr{lr}_cap{cap}"
+    run = root / f"{model}_lr{lr}_cap{cap}_{final_weights}_s{seed}"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- optim.lr={lr}\n")
-    config = {"model": {"width": 0.25}, "data": {"source": "npz", "path": "cifar10-jpeg-arrays.npz",
-                                                   "num_classes": 10, "augment": False},
-              "optim": {"lr": lr, "max_update_norm": cap}, "trainer": {"max_epochs": 2}}
+    (run / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- optim.lr={lr}\n- seed={seed}\n")
+    config = {"model": {"width": 0.25, "final_weights": final_weights},
+              "data": {"source": "npz", "path": "cifar10-jpeg-arrays.npz", "num_classes": 10, "augment": False},
+              "optim": {"lr": lr, "max_update_norm": cap}, "trainer": {"max_epochs": 2}, "seed": seed}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "csv").mkdir()
     curve = curve or [(2.0, 0.3, 0.5), (1.6, 0.45, 0.9)]  # (train loss, train accuracy, gradient norm) per epoch
     rows = ["epoch,train/loss,train/acc,train/grad_norm,step"] + [
         f"{e},{loss},{acc},{grad},{e}" for e, (loss, acc, grad) in enumerate(curve)]
     (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
-    m = {"status": status, "model": model, "network": NAMES[model], "lr": lr, "seed": 0, "max_update_norm": cap}
+    m = {"status": status, "model": model, "network": NAMES[model], "lr": lr, "seed": seed, "max_update_norm": cap}
     m |= {"test_error": test, "epochs": 2, "width": 0.25, "data": "npz"} if status == "ok" else {"error": error}
+    if spread is not None:
+        m["test_score_spread"] = spread
     (run / "metrics.json").write_text(json.dumps(m))
     return run
 
@@ -96,6 +98,28 @@ def test_grid_outcomes_and_page(tmp_path):
     assert "| Model A | **died** (90.0) | 88.0 (at chance) | 50.0 |" in page
     assert "| All-CNN-C | 40.0 | – | 85.0 (near chance) |" in page
     assert "## no cap" in page and "| Model A | **diverged** | – | – |" in page
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_counts_seeds_per_cell_and_keeps_other_settings_apart(tmp_path):
+    dead = [(2.3026, 0.1, 0.3), (2.3026, 0.1, 0.01)]
+    write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=0, curve=dead)
+    write_table_run(tmp_path, "all_cnn_c", 0.60, lr=0.25, seed=1)
+    write_table_run(tmp_path, "all_cnn_c", 0.50, lr=0.25, seed=2)
+    at_chance = [(2.3026, 0.1, 0.3), (2.3026, 0.1, 0.2)]  # the class bias still moves: a gradient, but ...
+    write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=3, curve=at_chance, spread=0.0)  # ... no image gets through
+    write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=4, curve=at_chance, spread=0.02)  # a slow start
+    write_table_run(tmp_path, "all_cnn_c", 0.70, lr=0.25, seed=0, final_weights="init")
+    write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1, seed=0, final_weights="init")
+    found = grid.cells([grid.trace(r) for r in runs.find_runs([tmp_path])])
+    assert {c.setting for c in found} == {(("model.final_weights", "zero"),), (("model.final_weights", "init"),)}
+    assert report.main([str(tmp_path), "--grid"]) == 0
+    page = (tmp_path / "grid.md").read_text()
+    # Three seeds of one cell: the median, and the seed that died counted, not hidden behind the first seed.
+    assert "## cap 0.125, model.final_weights=zero" in page
+    assert "| All-CNN-C | 90.0 (**died 2/5**, at chance 1/5) | – |" in page
+    # The other setting is its own panel, never a fourth seed.
+    assert "## cap 0.125, model.final_weights=init" in page and "| All-CNN-C | 70.0 | 40.0 |" in page
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -42,6 +42,26 @@ def test_every_model_option_composes_and_runs_fast_dev_run(compose_cfg, tiny_npz
     assert "val_error" not in metrics  # no split (data.val_size=0), no validation error
 
 
+def test_the_test_measures_whether_the_output_depends_on_the_image():
+    """A network whose output is one number whatever the image is what the grid report calls dead."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from allconv.module import AllConvModule
+
+    generator = torch.Generator().manual_seed(0)
+    images = DataLoader(TensorDataset(torch.randn(48, 3, 32, 32, generator=generator),
+                                      torch.randint(0, 10, (48,), generator=generator)), batch_size=16)
+    module = AllConvModule(net={"family": "c", "variant": "allcnn", "width": 0.125, "final_weights": "init"})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, images, verbose=False)
+    spread = trainer.callback_metrics["test/score_spread"]
+    assert spread > 1e-3  # He class weights: the scores follow the image
+    with torch.no_grad():
+        module.net.block2.down.bias.fill_(-1e3)  # every ReLU of block2.down dead: nothing of the image gets through
+    trainer.test(module, images, verbose=False)
+    assert trainer.callback_metrics["test/score_spread"] == 0  # measured afresh, not the last test's range
+
+
 def test_variant_override_on_a_model_option(compose_cfg, tiny_npz, shared_cache_dir):
     cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model=all_cnn_c", "model/variant=strided",
                                       "model.width=1.0"))
@@ -60,8 +80,10 @@ def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
                                              "data.val_size=8", "optim.lr=0.01", "seed=3", f"hydra.run.dir={run_dir}"))
     assert rc == 0, err[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("model", "data", "lr", "seed", "params", "test_error", "wall_time_s", "val_error"):
+    for key in ("model", "data", "lr", "seed", "params", "test_error", "wall_time_s", "val_error",
+                "test_score_spread"):
         assert key in metrics, key
+    assert metrics["test_score_spread"] > 0
     assert metrics["model"] == "model_a" and metrics["data"] == "npz"
     assert metrics["lr"] == 0.01 and metrics["seed"] == 3
     assert metrics["params"] == models.count_params(models.build("a", "base", width=0.125))

@@ -225,6 +225,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "batch_size": cfg.data.batch_size,
         "params": models.count_params(net),
         "test_error": float(trainer.callback_metrics["test/error"]),
+        "test_score_spread": float(trainer.callback_metrics["test/score_spread"]),
         "wall_time_s": wall,
         "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
     }

@@ -11,6 +11,7 @@ on_train_epoch_end before ModelCheckpoint's): a diverged run stops and its last 
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -56,6 +57,10 @@ class AllConvModule(L.LightningModule):
         # The step counter lives on the device too: torch.tensor(batch_idx, device="cuda") would be a
         # host-to-device copy from pageable memory, which synchronises the stream every step.
         self.register_buffer("step_in_epoch", torch.tensor(0, dtype=torch.long), persistent=False)
+        # Each class score's lowest and highest value over the test set: when every ReLU of one layer is dead,
+        # nothing of the image reaches the output and every score is one number for all images, even while
+        # the class layer's bias still moves (the report's "died").
+        self.register_buffer("test_score_range", torch.zeros(2, num_classes), persistent=False)
         self._epoch_start = None
         self._loss_sum, self._seen = torch.zeros(()), 0
         self._grad_norm_sum, self._clipped, self._steps = torch.zeros(()), torch.zeros(()), 0
@@ -168,6 +173,7 @@ class AllConvModule(L.LightningModule):
         logits = self(x)
         metric(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, sync_dist=True)
+        return logits
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_acc, "val")
@@ -176,11 +182,20 @@ class AllConvModule(L.LightningModule):
         self.log("val/error", 1.0 - self.val_acc.compute(), prog_bar=True, sync_dist=True)
         self.val_acc.reset()
 
+    def on_test_epoch_start(self):
+        self.test_score_range.copy_(torch.tensor([[math.inf], [-math.inf]]).expand_as(self.test_score_range))
+
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_acc, "test")
+        logits = self._eval_step(batch, self.test_acc, "test").detach().float()
+        low, high = self.test_score_range
+        torch.minimum(low, logits.min(0).values, out=low)
+        torch.maximum(high, logits.max(0).values, out=high)
 
     def on_test_epoch_end(self):
         self.log("test/error", 1.0 - self.test_acc.compute(), sync_dist=True)
+        # the largest spread of one class score over the test images; 0: the output ignores the image
+        low, high = self.test_score_range
+        self.log("test/score_spread", (high - low).max(), sync_dist=True, reduce_fx="max")
         self.test_acc.reset()
 
     def configure_optimizers(self):

@@ -130,7 +130,7 @@ def _checked(m) -> dict:
         raise ValueError(f"seed={m['seed']!r} is not an integer")
     _number(m, "lr", 0, math.inf)
     _number(m, "max_update_norm", 0, math.inf)
-    for key in ("wall_time_s", "params", "epochs", "width"):
+    for key in ("wall_time_s", "params", "epochs", "width", "test_score_spread"):
         _number(m, key, 0)
     for key in ("test_error", "val_error"):
         _number(m, key, 0, 1)
