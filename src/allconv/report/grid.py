@@ -32,8 +32,10 @@ from allconv.report.runs import ORDER, _cap_text, settings_label
 from allconv.report.table import NAME
 
 LEARNED_MARGIN = 0.10  # below chance by this much: learned, not noise
-DEAD_GRAD_NORM = 0.05  # dead networks measured 0.00-0.03; every network still learning measured above 0.08
-DEAD_SPREAD = 1e-5     # a class score's range over the test images: 0 when nothing of the image gets through
+# A dead network's last-epoch mean gradient norm: 0.00-0.03 when its class maps died too, 0.07-0.09 when
+# their bias still moves, which overlaps live networks (from 0.08): DEAD_SPREAD tells those apart.
+DEAD_GRAD_NORM = 0.05
+DEAD_SPREAD = 1e-5     # a class score's range over the test images: exactly 0 when nothing of the image gets through
 
 
 # What a cell's place says already (rows, columns, the cap's panel) or what repeats it (the seed).
