@@ -59,14 +59,27 @@ lr-study: $(STAMP) $(ARRAYS)  ## lrs 0.25-0.01 with the update cap, 0.05 without
 	  optim.lr=0.05 optim.max_update_norm=null $(ARGS)
 	$(BIN)/python src/report.py $(LR_STUDY) --curves --md docs/RESULTS.md --png docs/figures/lr_study_curves.png
 
-.PHONY: grid-cpu table-cpu
+.PHONY: grid-cpu seed-study table-cpu
 GRID ?= multirun/grid_cpu
-grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> $(GRID)/grid.md, grid.png
-	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 hydra.sweep.dir=$(GRID)/cap_high $(ARGS)
-	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.05,0.01 hydra.sweep.dir=$(GRID)/cap_low $(ARGS)
-	$(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) optim.lr=0.25,0.1 optim.max_update_norm=null \
-	  hydra.sweep.dir=$(GRID)/nocap $(ARGS)
+GRID_SEEDS ?= 0,1,2
+GRID_RUN = $(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) seed=$(GRID_SEEDS) hydra/launcher=local_parallel
+grid-cpu: $(STAMP) $(ARRAYS)  ## the 48 (network, lr) cells x 3 seeds, 2 epochs of 10,000 images, with and without the cap (CPU, ~1 h; re-run to continue) -> $(GRID)/grid.md, grid.png
+	$(GRID_RUN) optim.lr=0.25,0.1 hydra.sweep.dir=$(GRID)/cap_high $(ARGS)
+	$(GRID_RUN) optim.lr=0.25,0.1 optim.max_update_norm=null hydra.sweep.dir=$(GRID)/nocap $(ARGS)
+	$(GRID_RUN) optim.lr=0.05,0.01 hydra.sweep.dir=$(GRID)/cap_low $(ARGS)
 	$(BIN)/python src/report.py $(GRID)/cap_high $(GRID)/cap_low $(GRID)/nocap --grid --md $(GRID)/grid.md --png $(GRID)/grid.png
+	$(GRID_RUN) optim.lr=0.25 trainer.max_epochs=5 hydra.sweep.dir=$(GRID)/lr0.25_5epochs $(ARGS)
+	$(BIN)/python src/report.py $(GRID)/lr0.25_5epochs --grid --md $(GRID)/lr0.25_5epochs.md --png $(GRID)/lr0.25_5epochs.png
+
+SEEDS ?= multirun/seed_study
+SEED_RUN = $(BIN)/python src/train.py experiment=grid_cpu data.path=$(ARRAYS) trainer.max_epochs=5 model.final_weights=zero,init
+seed-study: $(STAMP) $(ARRAYS)  ## the two cells that decide the class layer's start, 8 seeds each, 5 epochs (CPU, ~25 min) -> $(SEEDS)/grid.md
+	$(SEED_RUN) model=all_cnn_c optim.lr=0.25 seed=0,1,2,3,4,5,6,7 hydra.sweep.dir=$(SEEDS)/all_cnn_c_lr0.25 $(ARGS)
+	$(SEED_RUN) model=convpool_cnn_a optim.lr=0.1 seed=0,1,2,3,4,5,6,7 hydra.sweep.dir=$(SEEDS)/convpool_cnn_a_lr0.1 $(ARGS)
+	$(SEED_RUN) model=all_cnn_c optim.lr=0.25 optim.max_update_norm=null seed=0,1,2,3 \
+	  hydra.sweep.dir=$(SEEDS)/all_cnn_c_lr0.25_nocap $(ARGS)
+	$(BIN)/python src/report.py $(SEEDS)/all_cnn_c_lr0.25 $(SEEDS)/convpool_cnn_a_lr0.1 $(SEEDS)/all_cnn_c_lr0.25_nocap --grid \
+	  --md $(SEEDS)/grid.md --png $(SEEDS)/grid.png
 
 TABLE ?= multirun/table_cpu
 table-cpu: $(STAMP) $(ARRAYS)  ## the 12 networks at width 0.25, 20 epochs, lr 0.05, and the augmented All-CNN-C (CPU, hours; re-run to continue) -> $(TABLE)/report.md
