@@ -8,7 +8,7 @@ JPEG    ?= ../shared/data/cifar10-jpeg.npz
 ARGS    ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train train-jpeg test test-slow test-slurm slurm lint bench data-jpeg lr-study clean
+.PHONY: help install train train-jpeg test test-system test-slow test-slurm slurm lint bench data-jpeg lr-study clean
 
 help:  ## this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS
 train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, ~15 min)
 	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
 
-test: $(STAMP)  ## the test suite (CPU, 2 workers: about 7 min on 2 cores; each test times out after 300 s)
+test: $(STAMP)  ## the test suite (CPU, 2 workers; each test times out after 300 s); the end-to-end runs are make test-system
 	$(BIN)/python -m pytest -q -n 2 $(ARGS)
+
+test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile
+	$(BIN)/python -m pytest -q -n 2 -m system -o addopts="-ra --strict-markers" $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h timeout per test)
 	$(BIN)/python -m pytest -q -m slow --timeout 3600 $(ARGS)

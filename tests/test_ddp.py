@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, run_cli, write_npz
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.system]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=32", "logger=none"]
 
 

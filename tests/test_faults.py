@@ -481,6 +481,7 @@ def _no_traceback(err: str) -> None:
     assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_sigterm_mid_training_saves_and_resume_matches_uninterrupted(reference, tmp_path):
     run = tmp_path / "preempted"
@@ -531,6 +532,7 @@ if _dir:
 '''
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_disk_full_at_second_checkpoint_then_resume_matches_uninterrupted(reference, tmp_path):
     ref, _ = reference.result()

@@ -108,6 +108,7 @@ def test_cli_bf16_non_finite_loss_is_caught(run_train, tmp_path, tiny_data):
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_cli_compiled_network(run_train, tmp_path, tiny_data):
     """model.compile=true: torch.compile (inductor, C++ on the CPU) trains, tests and saves plain weights."""

@@ -90,6 +90,7 @@ def _check_jobs(jobs: dict[str, dict]) -> None:
     assert first["_start"] < second["_end"] and second["_start"] < first["_end"]  # the first two ran at the same time
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_local_parallel_runs_two_jobs_at_once_each_on_its_own_device(tmp_path):
     data = write_npz(tmp_path / "data.npz", n_train=512, n_test=16)
@@ -106,6 +107,7 @@ def test_local_parallel_runs_two_jobs_at_once_each_on_its_own_device(tmp_path):
     assert {(slot, device) for _, slot, device in pins} == {("0", "7"), ("1", "9")}
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_submitit_local_runs_a_two_job_grid(tmp_path):
     data = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)

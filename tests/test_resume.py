@@ -71,6 +71,7 @@ def killed_and_resumed(tmp_path_factory):
             "rows_before": rows_before}
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_resumed_run_matches_uninterrupted(killed_and_resumed):
     full, killed = killed_and_resumed["full"], killed_and_resumed["killed"]
@@ -82,6 +83,7 @@ def test_resumed_run_matches_uninterrupted(killed_and_resumed):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_resumed_process_trains_only_the_epochs_after_the_checkpoint(killed_and_resumed):
     """A resume that ignored the checkpoint would retrain from epoch 0 (and, seeded per epoch, end the same)."""
@@ -94,6 +96,7 @@ def test_resumed_process_trains_only_the_epochs_after_the_checkpoint(killed_and_
     assert trained_epochs(written_by_resume) == list(range(r["saved_epoch"] + 1, EPOCHS))
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_resumed_run_reports_the_training_time_of_all_its_launches(killed_and_resumed):
     """wall_time_s of a resumed run = the killed launch's time up to its checkpoint + the resumed launch's."""
@@ -107,6 +110,7 @@ def test_resumed_run_reports_the_training_time_of_all_its_launches(killed_and_re
     assert r["saved_clock"] < final["callbacks"]["FitClock"]["elapsed_s"] <= wall
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
     run = tmp_path / "run"

@@ -58,6 +58,7 @@ def relaunched(tmp_path_factory):
     return tmp, data, sweep, before, err
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_relaunched_sweep_skips_finished_continues_interrupted_runs_the_rest(relaunched):
     _, _, sweep, before, err = relaunched
@@ -82,6 +83,7 @@ def test_relaunched_sweep_skips_finished_continues_interrupted_runs_the_rest(rel
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_a_changed_sweep_is_refused_before_anything_is_written(relaunched):
     tmp, data, sweep, _, _ = relaunched
@@ -94,6 +96,7 @@ def test_a_changed_sweep_is_refused_before_anything_is_written(relaunched):
     assert snapshot(sweep) == everything
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(relaunched):
     tmp, _, sweep, _, _ = relaunched

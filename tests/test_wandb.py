@@ -61,6 +61,7 @@ def logged(run_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_offline_wandb_run_per_multirun_job(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -158,6 +159,7 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
             assert env["WANDB_SWEEP_ID"] == "sweep0" and env["WANDB_RUN_ID"].startswith("run")
 
 
+@pytest.mark.system
 @pytest.mark.subprocess
 def test_an_agent_command_trains_with_wandb_offline(monkeypatch, tmp_path):
     from conftest import PYTHON, TRAIN_PY
