@@ -223,7 +223,7 @@ def grid_figure(found: list[Cell], label: str):
             for j, lr in enumerate(lrs):
                 cell = table.get((m, lr, panel))
                 text, shown = _figure_text(cell, values[i, j])
-                dark = shown and values[i, j] < (low + high) / 2
+                dark = shown and values[i, j] > (low + high) / 2  # viridis_r: high errors are dark
                 ax.text(j, i, text, ha="center", va="center", fontsize=8 if len(text) < 12 else 7,
                         color="white" if dark else "black", fontweight="bold" if cell and cell.marked else "normal")
                 if cell is not None and cell.marked:
