@@ -33,10 +33,10 @@ data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS
 train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, ~15 min)
 	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
 
-test: $(STAMP)  ## the test suite (CPU, 2 workers; each test times out after 300 s); the end-to-end runs are make test-system
+test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s); the end-to-end runs are make test-system
 	$(BIN)/python -m pytest -q -n 2 $(ARGS)
 
-test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile
+test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile (about 2.5 min)
 	$(BIN)/python -m pytest -q -n 2 -m system -o addopts="-ra --strict-markers" $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h timeout per test)
