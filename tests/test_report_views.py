@@ -107,7 +107,7 @@ def test_grid_counts_seeds_per_cell_and_keeps_other_settings_apart(tmp_path):
     write_table_run(tmp_path, "all_cnn_c", 0.60, lr=0.25, seed=1)
     write_table_run(tmp_path, "all_cnn_c", 0.50, lr=0.25, seed=2)
     at_chance = [(2.3026, 0.1, 0.3), (2.3026, 0.1, 0.2)]  # the class bias still moves: a gradient, but ...
-    write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=3, curve=at_chance, spread=0.0)  # ... no image gets through
+    write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=3, curve=at_chance, spread=0.0)  # ... no image through
     write_table_run(tmp_path, "all_cnn_c", 0.90, lr=0.25, seed=4, curve=at_chance, spread=0.02)  # a slow start
     write_table_run(tmp_path, "all_cnn_c", 0.70, lr=0.25, seed=0, final_weights="init")
     write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1, seed=0, final_weights="init")
