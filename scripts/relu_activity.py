@@ -40,8 +40,7 @@ class ReluActivity(L.Callback):
             self.handles.append(relu.register_forward_hook(
                 lambda m, i, o, k=k: self.active.__setitem__(k, (o > 0).float().mean().item()) if m.training else None))
         print(f"columns: epoch step loss grad_norm, then the active fraction of each ReLU: "
-              f"{', '.join(n for n, _ in named)}; then the gradient norm of each conv (before the cap), "
-              f"and the mean bias of block1.down when it is a conv", flush=True)
+              f"{', '.join(n for n, _ in named)}; then the gradient norm of each conv (before the cap)", flush=True)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Called before the cap clips the gradient: which layer a spike comes from.
@@ -58,11 +57,9 @@ class ReluActivity(L.Callback):
         summed = float(pl_module._grad_norm_sum)  # the module's running sum of this epoch's gradient norms
         gnorm, self.summed = summed - self.summed, summed
         if batch_idx % EVERY == 0 or last:
-            down = getattr(pl_module.net.block1, "down", None)
-            bias = f" {down.bias.mean().item():+.3f}" if isinstance(down, torch.nn.Conv2d) else ""
             print(f"{trainer.current_epoch + 1} {batch_idx} {float(outputs['loss']):.3f} {gnorm:.2f} "
                   f"{[round(self.active[k], 3) for k in sorted(self.active)]} "
-                  f"{[round(v, 2) for v in self.part_norms.values()]}{bias}" + ("  (epoch end)" if last else ""),
+                  f"{[round(v, 2) for v in self.part_norms.values()]}" + ("  (epoch end)" if last else ""),
                   flush=True)
 
     def on_train_end(self, trainer, pl_module):

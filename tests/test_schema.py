@@ -175,6 +175,9 @@ def test_every_preset_and_each_of_its_jobs_validates(conf_dir, preset):
                             "device indices"),
     (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches=1.5: must be a whole number of batches >= 0 or "
                                         "a fraction in [0, 1] (or null for all)"),
+    (["trainer.limit_test_batches=0"], "trainer.limit_test_batches=0: must be a whole number of batches >= 1 or "
+                                       "a fraction in (0, 1], since the test error is the run's result "
+                                       "(or null for all)"),
     (["seed=-1"], "seed=-1: must be a whole number in 0..4294967295"),
     (["~model.width"], "model.width is not set; must be a positive number"),
     (["logger.kind=foo"], "logger.kind=foo: must be one of: csv, none, wandb"),

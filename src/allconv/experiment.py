@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -225,12 +226,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "batch_size": cfg.data.batch_size,
         "params": models.count_params(net),
         "test_error": float(trainer.callback_metrics["test/error"]),
-        "test_score_spread": float(trainer.callback_metrics["test/score_spread"]),
         "wall_time_s": wall,
         "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
     }
     if val_error is not None:
         metrics["val_error"] = float(val_error)
+    spread = float(trainer.callback_metrics["test/score_spread"])
+    if math.isfinite(spread):  # not when no test batch ran (trainer.limit_test_batches=0)
+        metrics["test_score_spread"] = spread
     if ranks is not None:
         metrics["ddp"] = ranks
     if trainer.is_global_zero:

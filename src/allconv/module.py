@@ -183,7 +183,8 @@ class AllConvModule(L.LightningModule):
         self.val_acc.reset()
 
     def on_test_epoch_start(self):
-        self.test_score_range.copy_(torch.tensor([[math.inf], [-math.inf]]).expand_as(self.test_score_range))
+        self.test_score_range[0].fill_(math.inf)
+        self.test_score_range[1].fill_(-math.inf)
 
     def test_step(self, batch, batch_idx):
         logits = self._eval_step(batch, self.test_acc, "test").detach().float()

@@ -90,6 +90,9 @@ Finite = number("a finite number")
 LayerName = rule(str | int, "a layer name: logits or a module name such as block2.down")
 Batches = rule(Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
                "a whole number of batches >= 0 or a fraction in [0, 1]", null="all")
+TestBatches = rule(Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)],
+                   "a whole number of batches >= 1 or a fraction in (0, 1], since the test error is the run's result",
+                   null="all")
 SOURCES = (*OFFICIAL, "npz")
 # Listed here, not imported: visualize_run and wandb_logger reach cli and experiment, which import this module.
 FIGURES = ("reconstructions", "filters", "whitening")  # allconv.visualize_run draws these
@@ -181,7 +184,7 @@ class Trainer(Section):
     fast_dev_run: rule(bool | Annotated[int, Field(ge=0)], "true, false or a whole number of batches") = None
     limit_train_batches: Batches = None
     limit_val_batches: Batches = None
-    limit_test_batches: Batches = None
+    limit_test_batches: TestBatches = None
     enable_progress_bar: Flag = None
     num_sanity_val_steps: whole(-1) = None
     max_steps: whole(-1) = None

@@ -53,13 +53,14 @@ class Cell:
     setting: tuple = ()              # (key, value) of the other settings that differ between the runs
 
 
-def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+def _flat(config: dict, prefix: str = "", depth: int = 3) -> dict[str, str]:
+    """config's keys as dotted names; deeper than `depth` levels (not a config of ours) a value is its repr."""
     out = {}
     for key, value in config.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
+        if isinstance(value, dict) and depth > 0:
+            out |= _flat(value, f"{prefix}{key}.", depth - 1)
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else repr(value)
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else repr(value)[:80]
     return out
 
 
