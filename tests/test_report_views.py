@@ -123,6 +123,14 @@ def test_grid_counts_seeds_per_cell_and_keeps_other_settings_apart(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_long_value_in_a_saved_config_names_its_panel_in_80_characters(tmp_path):
+    crafted = write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1) / ".hydra" / "config.yaml"
+    crafted.write_text(crafted.read_text().replace("final_weights: zero", "final_weights: " + "x" * 10_000))
+    write_table_run(tmp_path, "all_cnn_c", 0.50, lr=0.1, seed=1)
+    found = grid.cells([grid.trace(r) for r in runs.find_runs([tmp_path])])
+    assert sorted(len(v) for c in found for _, v in c.setting) == [4, 80]
+
+
 @pytest.mark.parametrize("content, reason", [
     ('{"status": "ok", "model": "all_cnn_c", "lr": 0.05, "test_error": NaN}', "test_error=nan"),
     ('{"status": "ok", "model": "all_cnn_c", "lr": 0.05, "test_error": -0.5}', "test_error=-0.5"),

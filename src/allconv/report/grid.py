@@ -54,13 +54,14 @@ class Cell:
 
 
 def _flat(config: dict, prefix: str = "", depth: int = 3) -> dict[str, str]:
-    """config's keys as dotted names; deeper than `depth` levels (not a config of ours) a value is its repr."""
+    """config's keys as dotted names; deeper than `depth` levels (not a config of ours) a value is its repr.
+    Values are cut at 80 characters: a saved config comes from elsewhere and names a panel."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict) and depth > 0:
             out |= _flat(value, f"{prefix}{key}.", depth - 1)
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else repr(value)[:80]
+            out[f"{prefix}{key}"] = (value if isinstance(value, str) else repr(value))[:80]
     return out
 
 
