@@ -30,7 +30,7 @@ $(ARRAYS):
 
 data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS)
 
-train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, ~15 min)
+train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, about 6 min on 2 cores)
 	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
 
 test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s); the end-to-end runs are make test-system
