@@ -117,15 +117,17 @@ def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
     with pytest.raises(ResumeError, match="no such directory"):
         expand_argv(["train.py", f"resume={run}"])
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- model=model_a\n- optim.lr=0.1\n- ckpt_path=old\n")
-    with pytest.raises(ResumeError, match="no checkpoints/last.ckpt"):
-        expand_argv(["train.py", f"resume={run}"])
+    (run / ".hydra" / "overrides.yaml").write_text("- model=model_a\n- optim.lr=0.1\n- ckpt_path=old\n"
+                                                   "- data.root=/elsewhere\n- data.cache_dir=/elsewhere\n")
+    # no checkpoint yet: the run is started again in its folder, from no checkpoint
+    assert expand_argv(["train.py", f"resume={run}"]) == ["train.py", "model=model_a", "optim.lr=0.1",
+                                                          f"hydra.run.dir='{run}'", "hydra.mode=RUN"]
     (run / "checkpoints").mkdir()
     shutil.copy(killed_and_resumed["full"] / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
-    with pytest.raises(ResumeError, match=r"trainer.max_epochs=400 differs from the run's \d+; a resumed run keeps"):
-        expand_argv(["train.py", f"resume={run}", "trainer.max_epochs=400"])  # a resume continues, never changes
-    argv = expand_argv(["train.py", f"resume={run}", "print_config=false"])
-    assert argv == ["train.py", "model=model_a", "optim.lr=0.1", "print_config=false",
+    with pytest.raises(ResumeError, match=r"hydra.run.dir=x is set by resume itself"):
+        expand_argv(["train.py", f"resume={run}", "hydra.run.dir=x"])
+    argv = expand_argv(["train.py", f"resume={run}", "print_config=false", "trainer.max_epochs=400"])
+    assert argv == ["train.py", "model=model_a", "optim.lr=0.1", "print_config=false", "trainer.max_epochs=400",
                     f"ckpt_path='{run / 'checkpoints' / 'last.ckpt'}'", f"hydra.run.dir='{run}'", "hydra.mode=RUN"]
     (run / "metrics.json").write_text('{"status": "ok"}')
     with pytest.raises(ResumeError, match="already finished"):

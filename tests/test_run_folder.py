@@ -20,11 +20,14 @@ from test_resume import csv_rows, trained_epochs
 EPOCHS = 3
 
 
-def sweep_args(data: Path, sweep: Path, width: float = 0.125) -> list[str]:
-    return ["-m", "data=npz", f"data.path={data}", "data.preprocess=standardize", f"model.width={width}",
+def run_args(data: Path, width: float = 0.125) -> list[str]:
+    return ["data=npz", f"data.path={data}", "data.preprocess=standardize", f"model.width={width}",
             f"trainer.max_epochs={EPOCHS}", "data.batch_size=32", "logger=csv", "callbacks.progress_bar=none",
-            "trainer.enable_progress_bar=false", "print_config=false", "callbacks.guided_backprop.every_n_epochs=0",
-            "seed=1,0,0", f"hydra.sweep.dir={sweep}"]
+            "trainer.enable_progress_bar=false", "print_config=false", "callbacks.guided_backprop.every_n_epochs=0"]
+
+
+def sweep_args(data: Path, sweep: Path, width: float = 0.125) -> list[str]:
+    return ["-m", *run_args(data, width), "seed=1,0,2", f"hydra.sweep.dir={sweep}"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -38,14 +41,16 @@ def job(sweep: Path, num: int) -> Path:
 
 @pytest.fixture(scope="module")
 def relaunched(tmp_path_factory):
-    """seed=1,0,0: job 0 finishes, job 1 is stopped by SIGTERM inside its second epoch, job 2 never starts;
-    then the same command again into the same folder."""
+    """seed=1,0,2: job 0 finishes, job 1 is stopped by SIGTERM inside its second epoch, job 2 never starts;
+    then the same command again into the same folder. Beside it, seed 0 as a single uninterrupted run (the twin)."""
     tmp = tmp_path_factory.mktemp("sweep_restart")
     data = write_npz(tmp / "data.npz", n_train=320, n_test=32)
     sweep = tmp / "sweep"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen([PYTHON, str(TRAIN_PY), *sweep_args(data, sweep)], cwd=tmp, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    twin = subprocess.Popen([PYTHON, str(TRAIN_PY), *run_args(data), "seed=0", f"hydra.run.dir={tmp / 'twin'}"],
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -55,6 +60,7 @@ def relaunched(tmp_path_factory):
     before = {0: snapshot(job(sweep, 0)), 1: snapshot(job(sweep, 1))}
     rc, out, err = run_cli(*sweep_args(data, sweep), cwd=tmp)
     assert rc == 0, err[-3000:]
+    assert twin.wait(timeout=300) == 0, twin.stderr.read()[-3000:]
     return tmp, data, sweep, before, err
 
 
@@ -76,10 +82,11 @@ def test_relaunched_sweep_skips_finished_continues_interrupted_runs_the_rest(rel
     # job 1 trained each epoch once (its csv continued: no epoch trained twice), job 2 from scratch
     assert trained_epochs(csv_rows(job(sweep, 1))) == trained_epochs(csv_rows(job(sweep, 2))) == list(range(EPOCHS))
     assert sorted(p.name for p in (job(sweep, 1) / "checkpoints").iterdir()) == ["last.ckpt"]
-    # the interrupted job ends where its uninterrupted twin (same overrides: seed 0) ends
-    assert metrics[1]["test_error"] == metrics[2]["test_error"]
-    w1, w2 = (torch.load(job(sweep, n) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-              for n in (1, 2))
+    # the interrupted job ends where its uninterrupted twin (the same settings: seed 0) ends
+    tmp = sweep.parent
+    assert metrics[1]["test_error"] == json.loads((tmp / "twin" / "metrics.json").read_text())["test_error"]
+    w1, w2 = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+              for folder in (job(sweep, 1), tmp / "twin"))
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
@@ -91,7 +98,7 @@ def test_a_changed_sweep_is_refused_before_anything_is_written(relaunched):
     rc, out, err = run_cli(*sweep_args(data, sweep, width=0.25), cwd=tmp)  # the width is not in the folder name
     assert rc == 2
     line = only_line(err)
-    assert line.startswith(f"error: job 0's folder '{job(sweep, 0)}' holds another run (its config: model.width "
+    assert line.startswith(f"error: job 0's folder '{job(sweep, 0)}' holds another run (model.width "
                            f"0.125 vs 0.25)"), line
     assert snapshot(sweep) == everything
 

@@ -34,7 +34,11 @@ def grid(tmp_path_factory) -> Path:
     sweep = tmp / "sweep"
     rc, out, err = run_cli("-m", *tiny(tmp), "model=model_a,all_cnn_c", "optim.lr=0.05,1e30",
                            f"hydra.sweep.dir={sweep}", cwd=tmp)
-    assert rc == 0, err[-3000:]
+    # every job ran; the sweep then ends non-zero and names the failed ones
+    assert rc == 1, err[-3000:]
+    line = last_line(err)
+    assert line.startswith("error: 2 of 4 jobs failed: job 1 (1_model_a_lr1e+30_s0): non-finite loss"), line
+    assert "; job 3 (3_all_cnn_c_lr1e+30_s0): non-finite loss" in line
     return sweep
 
 

@@ -283,7 +283,8 @@ def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
         cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                  every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True))
+                                  every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
+                                  enable_version_counter=False))  # a copied run: its own last.ckpt, never -v1
     refresh = c.get("progress_bar_refresh", 1)  # each refresh costs ~1 ms of Python: a GPU step is ~1 ms
     if c.progress_bar == "rich":
         cbs.append(RichProgressBar(refresh_rate=refresh, leave=True))

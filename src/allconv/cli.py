@@ -21,7 +21,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from allconv.errors import AllConvError, ConfigError
+from allconv import hydra_private, run_folder
+from allconv.errors import AllConvError, ConfigError, RunFolderError
+
+hydra_private.install()  # Hydra's own writes into run and sweep folders: atomic, never through a link
+run_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
 
 # Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
 for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
@@ -155,6 +159,7 @@ class Preflight(Callback):
         self.schema = get_class(schema)
         self.output_key = output_key
         self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
+        self.folders: dict[int, Path] | None = None  # the jobs' folders of this launch (multirun)
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:
@@ -177,8 +182,6 @@ class Preflight(Callback):
             HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in any value resolves
             self._check(config)
             if self.run_folders:
-                from allconv import run_folder
-
                 run_folder.check_single_run(config)
                 if run_folder.is_secondary_rank():  # a rank started by torchrun or srun: the folder is rank 0's
                     with read_write(config.hydra), open_dict(config.hydra):
@@ -189,17 +192,26 @@ class Preflight(Callback):
         self._guarded(run)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        def run() -> None:
-            from allconv import run_folder
+        hydra_private.install()  # again: Hydra's plugin scan re-executed the sweeper's module since the import
 
+        def run() -> None:
             jobs = job_configs(config)
+            checked = []
             for num, job in enumerate(jobs or ()):
                 self._check(job)
-                if self.run_folders:
-                    run_folder.check_sweep_job(job, num)
+                checked.append((num, job))
             check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+            if self.run_folders and jobs is not None:
+                self.folders = run_folder.plan_sweep(config, checked)
 
         self._guarded(run)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """A sweep in which a job failed ran the others; it then ends non-zero, naming the failed jobs."""
+        failed = run_folder.failed_jobs(self.folders or {})
+        if failed:
+            fail(f"{len(failed)} of {len(self.folders)} jobs failed: {'; '.join(failed[:5])}"
+                 f"{'; ...' if len(failed) > 5 else ''} (each folder's metrics.json says why)", 1)
 
 
 def run(fn: Callable[[], object]) -> object:
@@ -241,7 +253,7 @@ def is_multirun() -> bool:
 
 def train_job(cfg: DictConfig) -> float | None:
     """One training job: the single place where its failures become a line, an exit status, a record."""
-    from allconv import experiment, models, run_folder
+    from allconv import experiment, models
     from allconv.callbacks import interrupted_as_error
 
     if cfg.print_config:
@@ -255,6 +267,7 @@ def train_job(cfg: DictConfig) -> float | None:
             return None
         fail(str(e), e.exit_code)
     try:
+        run_folder.check_links(out)  # again here: a requeued job was not checked by a pre-flight
         if is_multirun():  # a relaunched sweep (or a requeued SLURM job) continues its own folder
             plan = run_folder.plan_sweep_job(out)
             if plan.note:
@@ -266,6 +279,11 @@ def train_job(cfg: DictConfig) -> float | None:
                 cfg.ckpt_path = plan.ckpt_path
         with interrupted_as_error():  # Lightning's SIGTERMException (exit 0) -> Interrupted (exit 128+signum)
             metrics = experiment.train(cfg, out)
+    except RunFolderError as e:  # a folder this command may not continue: its record stays as it was
+        if is_multirun():
+            print(f"error: {e}", file=sys.stderr)
+            return None
+        fail(str(e), e.exit_code)
     except Exception as e:
         known = isinstance(e, AllConvError)
         status = getattr(e, "status", "failed")

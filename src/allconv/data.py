@@ -454,6 +454,11 @@ class CIFARDataModule(L.LightningDataModule):
             self._raw = raw
         return self._raw
 
+    def fingerprint(self) -> str:
+        """The identity of the arrays this module trains and tests on (after the limits), which a run records."""
+        raw = self._load_raw()
+        return pp.fingerprint(raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"])
+
     def setup(self, stage: str | None = None) -> None:
         if self.tensors:
             return

@@ -30,6 +30,10 @@ class ResumeError(AllConvError, ValueError):
     """A folder that cannot be resumed."""
 
 
+class RunFolderError(AllConvError, ValueError):
+    """A run or sweep folder whose record is damaged, linked out of the folder, or another run's."""
+
+
 class VisualizeError(AllConvError, ValueError):
     """A layer, unit or method that the network does not have."""
 

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from allconv import models, schema
+from allconv import models, run_folder, schema
 from allconv.csv_logger import CSVLogger
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
@@ -115,12 +115,12 @@ def check(cfg: DictConfig) -> None:
 def check_eval(cfg: DictConfig) -> None:
     """src/eval.py's check: the checkpoint loads safely, its weights fit the network it names, its data is
     there, and the output folder (hydra.run.dir) is not a training run's, whose .hydra/ Hydra would rewrite."""
-    from allconv import checkpoint, run_folder
+    from allconv import checkpoint
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
     out = OmegaConf.select(cfg, "hydra.run.dir", default=None)
-    if out is not None and run_folder.state(Path(str(out))) in ("finished", "interrupted"):
+    if out is not None and run_folder.is_run(Path(str(out))):  # finished, interrupted, failed: its record stays
         raise ConfigError(f"hydra.run.dir={str(out)!r} holds a training run; eval writes into a folder of its own: "
                           f"choose another hydra.run.dir (or leave it unset)")
     ckpt = checkpoint.read(cfg.ckpt_path)
@@ -203,6 +203,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     module = build_module(cfg)
     net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_folder.is_secondary_rank():  # the run's identity, once; a continuation must match it
+        dm.prepare_data()
+        run_folder.record_identity(run_dir, cfg, dm.fingerprint())
     clock = FitClock()
     callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock]  # a resumed run repeats the same draws
     trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))

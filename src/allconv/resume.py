@@ -12,14 +12,17 @@ logging, all of which Hydra builds or runs), that places a config under another 
 that holds `_target_` or an interpolation `${...}`, or a sweep, is refused with one line before
 anything is written. Saved ckpt_path, hydra.run.dir and hydra.mode are dropped: resume sets them.
 
-A resumed run keeps its settings. A key=value after resume= is compared with the run's saved
-value (.hydra/config.yaml, else the config saved in last.ckpt; for a config group,
-.hydra/hydra.yaml's runtime choices, else the saved overrides): equal is a no-op, different is refused,
-except for what only
-changes how the run is watched, not what it computes (ON_RESUME): print_config,
-callbacks.progress_bar, callbacks.progress_bar_refresh, trainer.enable_progress_bar and the
-logger (logger=... and logger.*). Everything is checked before Hydra starts, so a refused resume
-leaves the folder as it was; run_folder.hold() then keeps a second resume of the same run out.
+Where the run read its data and cached its whitening (data.root, data.download, data.cache_dir) is not
+replayed: a folder never chooses where a command writes (a download, the ZCA cache). A relative data.path
+is made absolute against the folder the run was started from (identity.json's cwd), so a resume from
+another working directory reads the run's own file. A run stopped before its first checkpoint is started
+again in its folder (no ckpt_path).
+
+A resumed run keeps its settings: what the command may change is the one rule of allconv.run_folder
+(run_folder.differences: the progress bar, printing, loggers, where the data is, trainer.max_epochs upward),
+which the pre-flight applies to the composed config of this command, as it does for the long form
+(ckpt_path=... hydra.run.dir=...) and a relaunched sweep. Everything is checked before Hydra writes, so a
+refused resume leaves the folder as it was; run_folder.hold() then keeps a second resume of the same run out.
 
 Lightning's checkpoint restores weights, optimiser, schedule and loop counters but not the random
 state, so EpochSeed reseeds the global RNG (dropout) at the start of every epoch from (seed,
@@ -32,6 +35,8 @@ its launches.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -43,9 +48,9 @@ from allconv.errors import ResumeError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SET_BY_RESUME = ("ckpt_path", "hydra.run.dir", "hydra.mode")
-ON_RESUME = ("print_config", "callbacks.progress_bar", "callbacks.progress_bar_refresh",
-             "trainer.enable_progress_bar", "logger")  # and logger.*
-_UNSET = object()
+# Where the run read its data and cached its whitening: places the folder must not choose for a write
+# (a download, the ZCA cache); the command's own (or the defaults) apply, and the data's fingerprint must match.
+NOT_REPLAYED = ("data.root", "data.download", "data.cache_dir")
 
 
 def _quote(value: str) -> str:
@@ -119,77 +124,6 @@ def _replayable(run: Path, entry) -> str | None:
     return entry
 
 
-def _load_yaml(path: Path):
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # absent, unreadable or not YAML: no saved value from it
-        return None
-
-
-def _lookup(tree, key: str):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _UNSET
-        tree = tree[part]
-    return tree
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def _shown(value) -> str:
-    return "unset" if value is _UNSET else "null" if value is None else str(value)
-
-
-def check_extra(run: Path, extra: list[str], kept: list[str], saved_config: dict | None = None) -> None:
-    """Each key=value after resume= is ON_RESUME or equal to the run's saved value; else one ResumeError.
-
-    The saved value is .hydra/config.yaml's, else saved_config's (the checkpoint's); a group's choice is
-    .hydra/hydra.yaml's, else the saved overrides'.
-    """
-    config = _load_yaml(run / ".hydra" / "config.yaml")
-    if not isinstance(config, dict):
-        config = saved_config
-    hydra = _load_yaml(run / ".hydra" / "hydra.yaml")
-    choices = _lookup(hydra, "hydra.runtime.choices")
-    saved = {}
-    for entry in kept:
-        o = _parse(entry)
-        saved[o.key_or_group] = None if o.is_delete() else o.value()
-    for arg in extra:
-        o = _parse(arg)
-        if o is None:
-            raise ResumeError(f"resume={run}: {arg!r} is not a key=value override")
-        key = o.key_or_group
-        if key in SET_BY_RESUME:
-            raise ResumeError(f"resume={run}: {arg} is set by resume itself (to the run's folder and last.ckpt)")
-        if key in ON_RESUME or key.startswith("logger."):
-            continue
-        allowed = f"a resume may change only {', '.join(ON_RESUME)} and logger.*"
-        if o.package is not None or o.is_sweep_override() or key.split(".")[0].split("/")[0] not in run_settings():
-            raise ResumeError(f"resume={run}: {arg} is not a run setting to continue with; {allowed}")
-        group = "/" in key or key in config_groups()
-        if group and isinstance(choices, dict):
-            before = choices.get(key, _UNSET)
-        elif not group and isinstance(config, dict):
-            before = _lookup(config, key)
-        else:
-            before = saved.get(key, _UNSET)
-        after = _UNSET if o.is_delete() else o.value()
-        if not _same(before, after):
-            raise ResumeError(f"resume={run}: {arg.lstrip('+~')} differs from the run's {_shown(before)}; a resumed "
-                              f"run keeps its settings — start a new run to change them ({allowed})")
-
-
 def expand_argv(argv: list[str]) -> list[str]:
     """argv with resume=<dir> replaced by that run's overrides plus its checkpoint; unchanged without resume=."""
     hits = [a for a in argv[1:] if a.startswith("resume=")]
@@ -197,38 +131,64 @@ def expand_argv(argv: list[str]) -> list[str]:
         return argv
     if len(hits) > 1 or any(a in ("-m", "--multirun") for a in argv[1:]):
         raise ResumeError("resume= takes one run directory and no -m (resume each run of a sweep on its own)")
+    from allconv import run_folder
+    from allconv.errors import RunFolderError
+
     run = Path(hits[0].split("=", 1)[1].strip("'\"")).expanduser().resolve()
-    saved = run / ".hydra" / "overrides.yaml"
-    ckpt = run / "checkpoints" / "last.ckpt"
     if not run.is_dir():
         raise ResumeError(f"resume={run}: no such directory")
-    if not saved.is_file():
-        raise ResumeError(f"resume={run}: not a run directory (no .hydra/overrides.yaml)")
-    if not ckpt.is_file():
-        raise ResumeError(f"resume={run}: no checkpoints/last.ckpt (killed before its first epoch ended); "
-                          f"start the run again")
-    from allconv import checkpoint
-    from allconv.errors import CheckpointError
-
     try:
-        saved_config = checkpoint.read(ckpt)["hyper_parameters"].get("config")
-    except CheckpointError as e:
-        raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
-                          f"(or restore an earlier copy of last.ckpt)") from None
-    from allconv.run_folder import finished_metrics
-
-    if finished_metrics(run) is not None:
+        entries = run_folder.read_yaml(run / ".hydra" / "overrides.yaml")
+    except RunFolderError as e:
+        raise ResumeError(f"resume={run}: {e}") from None
+    if entries is None:
+        raise ResumeError(f"resume={run}: not a run directory (no .hydra/overrides.yaml)")
+    now = run_folder.state(run)
+    if now == "finished":
         raise ResumeError(f"resume={run}: the run already finished (metrics.json); nothing to resume")
-    entries = _load_yaml(saved)
+    ckpt = run / run_folder.CHECKPOINT
+    if now == "interrupted":
+        from allconv import checkpoint
+        from allconv.errors import CheckpointError
+
+        try:
+            checkpoint.read(ckpt)
+        except CheckpointError as e:
+            raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
+                              f"(or restore an earlier copy of last.ckpt)") from None
     if not isinstance(entries, list):
         raise ResumeError(f"resume={run}: .hydra/overrides.yaml is not a list of overrides")
     extra = [a for a in argv[1:] if not a.startswith("resume=")]
+    for arg in extra:
+        if _key(arg) in SET_BY_RESUME:
+            raise ResumeError(f"resume={run}: {arg} is set by resume itself (to the run's folder and last.ckpt)")
     kept = [e for e in (_replayable(run, entry) for entry in entries) if e is not None]
-    check_extra(run, extra, kept, saved_config if isinstance(saved_config, dict) else None)
     replaced = {_key(a) for a in extra}
-    kept = [o for o in kept if _key(o) not in replaced]
-    return [argv[0], *kept, *extra, f"ckpt_path={_quote(str(ckpt))}", f"hydra.run.dir={_quote(str(run))}",
-            "hydra.mode=RUN"]
+    kept = [o for o in kept if _key(o) not in replaced and _key(o) not in NOT_REPLAYED]
+    data_path = _data_path(run) if "data.path" not in replaced else None
+    if data_path is not None:
+        kept = [o for o in kept if _key(o) != "data.path"] + [f"data.path={_quote(data_path)}"]
+    if now != "interrupted":
+        print(f"resume={run}: no checkpoint yet (stopped before its first epoch ended): starting the run again in "
+              f"its folder", file=sys.stderr, flush=True)
+    return [argv[0], *kept, *extra, *([f"ckpt_path={_quote(str(ckpt))}"] if now == "interrupted" else []),
+            f"hydra.run.dir={_quote(str(run))}", "hydra.mode=RUN"]
+
+
+def _data_path(run: Path) -> str | None:
+    """The run's data.path made absolute against the folder it was started from, when it was relative."""
+    from allconv import run_folder
+    from allconv.errors import RunFolderError
+
+    try:
+        path = (run_folder.recorded_settings(run) or {}).get("data.path")
+    except RunFolderError:
+        return None
+    cwd = run_folder.recorded_cwd(run)
+    if not isinstance(path, str) or not path or "${" in path or os.path.isabs(path) or path.startswith("~") \
+            or cwd is None:
+        return None
+    return str(cwd / path)
 
 
 class EpochSeed(L.Callback):

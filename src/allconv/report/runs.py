@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from allconv import models
-from allconv.errors import ReportError
+from allconv import models, run_folder
+from allconv.errors import ReportError, RunFolderError
 
 # Test error (%) on CIFAR-10 without augmentation: the paper's Table 1 and the replication review's
 # runs (PAPER.md, "Reference results"). Keys are the Hydra option names, rows in the paper's order.
@@ -76,8 +76,8 @@ def _from_saved_overrides(run_dir: Path) -> dict:
     """model, lr and seed of a run with no usable metrics.json, from Hydra's saved overrides."""
     out = {}
     try:
-        lines = (run_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
-    except OSError:
+        lines = (run_folder.read_bytes(run_dir / ".hydra" / "overrides.yaml") or b"").decode().splitlines()
+    except (RunFolderError, UnicodeDecodeError):
         return out
     for line in lines:
         key, _, value = line.lstrip("- ").partition("=")
@@ -95,8 +95,8 @@ def _from_saved_overrides(run_dir: Path) -> dict:
 
 def _saved_config(run_dir: Path) -> dict:
     try:
-        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        cfg = run_folder.read_yaml(run_dir / ".hydra" / "config.yaml")
+    except RunFolderError:
         return {}
     if not isinstance(cfg, dict):
         return {}
@@ -139,12 +139,12 @@ def _checked(m) -> dict:
 
 def _read_run(run_dir: Path) -> Run:
     path = run_dir / "metrics.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         saved = _from_saved_overrides(run_dir)
         return Run(run_dir, "incomplete", saved.get("model"), saved.get("lr"), saved.get("seed", 0),
                    error="no metrics.json (killed or still running; resume with `python src/train.py resume=DIR`)")
     try:  # NaN and Infinity parse (json's extension) and are refused by _checked: never ranked
-        m = _checked(json.loads(path.read_text()))
+        m = _checked(run_folder.read_json(path))  # a link, FIFO or nested record: one line, no hang
         status = m.get("status", "ok")
         run = Run(run_dir, status if status in ("ok", "failed") else "failed", m.get("model"),
                   float(m["lr"]) if m.get("lr") is not None else None, int(m.get("seed", 0)), m, m.get("error", ""))
@@ -172,9 +172,25 @@ def read_run(run_dir: Path) -> Run:
     return run
 
 
+def _identity(run_dir: Path) -> str | None:
+    """What makes two folders one run (allconv.run_folder): its settings, less what a continuation may change,
+    and its data; None when the folder does not record them."""
+    try:
+        recorded = run_folder.read_json(run_dir / run_folder.IDENTITY)
+        settings = run_folder.recorded_settings(run_dir)
+    except RunFolderError:
+        return None
+    if not settings:
+        return None
+    kept = {k: v for k, v in settings.items() if not run_folder.may_change(k)}
+    data = recorded.get("data") if isinstance(recorded, dict) else None
+    return json.dumps([kept, data], sort_keys=True, default=str)
+
+
 def find_runs(dirs: list[Path]) -> list[Run]:
-    """Run folders under dirs: any folder with a metrics.json or a Hydra .hydra/ folder (not a sweep's root)."""
-    runs, seen = [], set()
+    """Run folders under dirs: any folder with a metrics.json or a Hydra .hydra/ folder (not a sweep's root).
+    A folder that holds the same run as one already read (a copy) is counted once."""
+    runs, seen, identities = [], set(), {}
     for d in dirs:
         if not d.is_dir():
             raise ReportError(f"{d}: no such directory")
@@ -185,7 +201,14 @@ def find_runs(dirs: list[Path]) -> list[Run]:
             if key in seen or (run_dir / "multirun.yaml").is_file():
                 continue
             seen.add(key)
-            runs.append(read_run(run_dir))
+            run = read_run(run_dir)
+            identity = _identity(run_dir) if run.status == "ok" else None
+            if identity is not None and identity in identities:
+                print(f"report: {run_dir} holds the same run as {identities[identity]}; counted once", file=sys.stderr)
+                continue
+            if identity is not None:
+                identities[identity] = run_dir
+            runs.append(run)
     return runs
 
 

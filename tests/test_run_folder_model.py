@@ -1,0 +1,341 @@
+"""The run folder as users and attackers treat it: a log beside a run, a copied or moved run, a relaunch with one
+more learning rate or another progress bar, links, FIFOs and alias bombs in the record. Each case runs the real
+entry point in this process (allconv.run_folder is the one model every command asks)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from allconv import run_folder
+from allconv.errors import ResumeError, RunFolderError
+from allconv.resume import expand_argv
+from conftest import SRC, TRAIN_PY, only_line, write_npz
+
+EVAL_PY = SRC / "eval.py"
+RUN = ["data=npz", "data.path=data.npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=1",
+       "data.batch_size=16", "data.eval_batch_size=16", "logger=csv", "callbacks.progress_bar=none",
+       "trainer.enable_progress_bar=false", "print_config=false", "callbacks.guided_backprop.every_n_epochs=0"]
+
+
+def invoke(*args: str, cwd: Path, script: Path = TRAIN_PY) -> tuple[int, str]:
+    """(exit status, stderr) of `python src/<script> args` run in this process, in cwd."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    before_cwd, before_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [str(script), *map(str, args)]
+    err = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(before_cwd)
+        sys.argv = before_argv
+    return code, err.getvalue()
+
+
+def hashes(folder: Path) -> dict[str, str | None]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
+
+
+def weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def interrupted_copy(finished: Path, dest: Path) -> Path:
+    """A copy of a finished run as a kill after its first epoch leaves it: last.ckpt, no metrics.json."""
+    run = Path(shutil.copytree(finished, dest, symlinks=True))
+    (run / "metrics.json").unlink()
+    return run
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """root (the working directory, holding data.npz) and a finished one-epoch run in root/run."""
+    root = tmp_path_factory.mktemp("model")
+    write_npz(root / "data.npz", n_train=64, n_test=16)
+    code, err = invoke(*RUN, f"hydra.run.dir={root / 'run'}", cwd=root)
+    assert code == 0, err[-3000:]
+    return root
+
+
+# -- ordinary use ------------------------------------------------------------------------------------------
+def test_a_folder_holding_only_the_users_log_takes_a_new_run(made, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train.log").write_text("my log\n")
+    (folder / "notes.md").write_text("why I ran this\n")
+    assert run_folder.state(folder) == "new"
+    code, err = invoke(*RUN, f"data.path={made / 'data.npz'}", f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert (folder / "train.log").read_text() == "my log\n" and (folder / "notes.md").read_text() == "why I ran this\n"
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "ok"
+
+
+def test_a_copied_run_resumed_elsewhere_to_more_epochs_ends_as_its_uninterrupted_twin(made, tmp_path):
+    """resume=<copy> trainer.max_epochs=2 from another working directory whose data.npz is other data: the run
+    reads its own file (relative to where it started), writes its own last.ckpt (no last-v1.ckpt) and ends with
+    the weights of a two-epoch run trained without a stop."""
+    copy = interrupted_copy(made / "run", tmp_path / "moved" / "run")
+    elsewhere = tmp_path / "elsewhere"
+    write_npz(elsewhere / "data.npz", n_train=64, n_test=16, seed=7)
+    code, err = invoke(f"resume={copy}", "trainer.max_epochs=2", cwd=elsewhere)
+    assert code == 0, err[-3000:]
+    twin = tmp_path / "twin"
+    code, err = invoke(*RUN, "trainer.max_epochs=2", f"hydra.run.dir={twin}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert json.loads((copy / "metrics.json").read_text())["epochs"] == 2
+    a, b = weights(copy), weights(twin)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, difference", [
+    (["optim.lr=0.1"], "optim.lr 0.05 vs 0.1"),
+    (["trainer.max_epochs=1", "+trainer.min_epochs=0"], "trainer.min_epochs unset vs 0"),
+])
+def test_the_long_form_keeps_the_runs_settings(made, tmp_path, change, difference):
+    """ckpt_path=<dir>/checkpoints/last.ckpt hydra.run.dir=<dir> is checked by the same rule as resume=."""
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    before = hashes(run)
+    code, err = invoke(*RUN, *change, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={run}",
+                       cwd=made)
+    assert code == 2
+    assert f"holds a run with other settings ({difference}); a continuation keeps them" in only_line(err)
+    assert hashes(run) == before
+
+
+def test_a_run_is_continued_only_on_its_own_data(made, tmp_path):
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    other = write_npz(tmp_path / "other.npz", n_train=64, n_test=16, seed=3)
+    before = hashes(run)
+    code, err = invoke(f"resume={run}", f"data.path={other}", cwd=made)
+    assert code == 2
+    assert only_line(err).startswith(f"error: {run} holds a run on other data (its arrays' fingerprint ")
+    assert hashes(run) == before
+    moved = shutil.copy(made / "data.npz", tmp_path / "moved.npz")  # the same arrays elsewhere: fine
+    code, err = invoke(f"resume={run}", f"data.path={moved}", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_by_its_own_command(made, tmp_path):
+    run = Path(shutil.copytree(made / "run", tmp_path / "run"))
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "error": "killed"}))
+    assert run_folder.state(run) == "started"
+    before = hashes(run)
+    code, err = invoke(*RUN, "optim.lr=0.1", f"hydra.run.dir={run}", cwd=made)  # another command: refused
+    assert code == 2 and "holds a run with other settings (optim.lr 0.05 vs 0.1)" in only_line(err)
+    assert hashes(run) == before
+    code, err = invoke(*RUN, f"hydra.run.dir={run}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert run_folder.state(run) == "finished"
+
+
+def test_eval_leaves_a_failed_runs_record_as_it_was(made, tmp_path):
+    failed = Path(shutil.copytree(made / "run", tmp_path / "failed"))
+    shutil.rmtree(failed / "checkpoints")
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "non-finite loss"}))
+    before = hashes(failed)
+    code, err = invoke(f"ckpt_path={made / 'run' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={failed}",
+                       cwd=made, script=EVAL_PY)
+    assert code == 2 and only_line(err).startswith(f"error: hydra.run.dir='{failed}' holds a training run")
+    assert hashes(failed) == before
+
+
+# -- sweeps ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(made):
+    """optim.lr=0.05,0.1 run to the end: two finished jobs."""
+    folder = made / "sweep"
+    code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", f"hydra.sweep.dir={folder}", cwd=made)
+    assert code == 0, err[-3000:]
+    return folder
+
+
+def sweep_copy(sweep: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(sweep, dest, symlinks=True))
+
+
+def ckpt_times(sweep: Path) -> dict[str, int]:
+    return {p.parent.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/checkpoints/last.ckpt")}
+
+
+def test_a_finished_sweep_relaunched_with_another_progress_bar_retrains_nothing(made, sweep, tmp_path):
+    folder = sweep_copy(sweep, tmp_path / "sweep")
+    before = ckpt_times(folder)
+    code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", "callbacks.progress_bar=tqdm", "print_config=true",
+                       f"hydra.sweep.dir={folder}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert err.count(": already finished (test error") == 2
+    assert ckpt_times(folder) == before
+
+
+def test_a_relaunch_with_one_more_learning_rate_trains_only_the_new_run(made, sweep, tmp_path):
+    """lr 0.2 in front renumbers every job: the finished runs are found by identity, not by number."""
+    folder = sweep_copy(sweep, tmp_path / "sweep")
+    before = ckpt_times(folder)
+    code, err = invoke("-m", *RUN, "optim.lr=0.2,0.05,0.1", f"hydra.sweep.dir={folder}", cwd=made)
+    assert code == 0, err[-3000:]
+    after = ckpt_times(folder)
+    assert sorted(after) == sorted([*before, "0_all_cnn_c_lr0.2_s0"])
+    assert all(after[name] == before[name] for name in before)  # the finished runs: not trained again
+    assert err.count(": already finished (test error") == 2
+    assert json.loads((folder / run_folder.JOBS).read_text())["folders"] == {
+        "0": "0_all_cnn_c_lr0.2_s0", "1": "0_all_cnn_c_lr0.05_s0", "2": "1_all_cnn_c_lr0.1_s0"}
+    from allconv.report import runs
+
+    assert len(runs.find_runs([folder])) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["seed=0,1", "hydra.sweep.subdir=lr${optim.lr}"], "jobs 0 and 1 would share the folder"),
+    (["seed=0,0"], "jobs 0 and 1 are the same run (no setting but what a continuation may change differs)"),
+])
+def test_jobs_that_would_share_a_folder_are_refused_before_any_starts(made, tmp_path, args, message):
+    code, err = invoke("-m", *RUN, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=made)
+    assert code == 2 and message in only_line(err)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_made_before_a_key_existed_relaunches_with_the_value_the_message_names(made, sweep, tmp_path):
+    folder = sweep_copy(sweep, tmp_path / "sweep")
+    for job in folder.glob("*_s0"):  # as the project wrote them before model.final_weights existed
+        (job / run_folder.IDENTITY).unlink()
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        del config["model"]["final_weights"]
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", f"hydra.sweep.dir={folder}", cwd=made)
+    assert code == 2
+    line = only_line(err)
+    assert ("holds another run (model.final_weights: the folder predates it and ran as init, pass "
+            "model.final_weights=init)") in line, line
+    code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", "model.final_weights=init", f"hydra.sweep.dir={folder}",
+                       cwd=made)
+    assert code == 0, err[-3000:]
+    assert err.count(": already finished (test error") == 2
+
+
+# -- crafted folders: links, FIFOs, alias bombs ----------------------------------------------------------------
+@pytest.mark.parametrize("linked", [".hydra", "checkpoints", "csv", "metrics.json"])
+def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(made, tmp_path, linked):
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    outside = tmp_path / "outside"
+    target = run / linked
+    if target.exists():
+        shutil.move(target, outside)
+    else:
+        outside.write_text("{}")
+    target.symlink_to(outside)
+    before = hashes(tmp_path)
+    code, err = invoke(f"resume={run}", cwd=made)
+    assert code == 2
+    assert only_line(err).startswith(f"error: {target} is a symbolic link (to {outside}); a run writes only inside")
+    assert hashes(tmp_path) == before
+
+
+@pytest.mark.timeout(60)
+def test_an_alias_bomb_or_a_fifo_in_the_record_is_refused_without_hanging(made, tmp_path):
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    levels = zip("abcdefgh", "bcdefghi", strict=True)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in levels)
+    (run / run_folder.IDENTITY).unlink()
+    (run / ".hydra" / "config.yaml").write_text(bomb)
+    code, err = invoke(f"resume={run}", cwd=made)
+    assert code == 2
+    assert only_line(err).endswith("config.yaml holds YAML anchors or aliases; a saved config has none, refused")
+    os.unlink(run / ".hydra" / "overrides.yaml")
+    os.mkfifo(run / ".hydra" / "overrides.yaml")
+    with pytest.raises(ResumeError, match=r"overrides.yaml is a FIFO, not a plain file"):
+        expand_argv(["train.py", f"resume={run}"])
+    os.mkfifo(run / "metrics.json")
+    assert run_folder.state(run) == "interrupted"  # a FIFO is no result, and reading it does not block
+
+
+def test_records_nested_thousands_deep_are_refused(tmp_path):
+    (tmp_path / "metrics.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(RunFolderError, match="nested"):
+        run_folder.read_json(tmp_path / "metrics.json")
+    (tmp_path / "config.yaml").write_text("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200)) + "  " * 200
+                                          + "v: 1\n")
+    with pytest.raises(RunFolderError, match="nested more than 64 levels"):
+        run_folder.read_yaml(tmp_path / "config.yaml")
+    assert run_folder.finished_metrics(tmp_path) is None
+
+
+def test_a_poisoned_jobs_file_cannot_send_a_job_outside_its_sweep(tmp_path):
+    for name in ("../outside", "/etc", "", "a/b"):
+        (tmp_path / run_folder.JOBS).write_text(json.dumps({"folders": {"0": name}}))
+        with pytest.raises(RunFolderError, match="names no folder for job 0"):
+            run_folder._job_folder(str(tmp_path), 0)
+
+
+# -- Hydra's writes and the lock --------------------------------------------------------------------------------
+def test_hydras_config_writes_are_atomic_and_replace_links(tmp_path):
+    import inspect
+
+    from hydra._internal.core_plugins import basic_sweeper
+    from hydra.core import utils
+    from omegaconf import OmegaConf
+
+    from allconv import hydra_private
+
+    hydra_private.install()  # as the pre-flight does before a sweep (Hydra's plugin scan reloads the sweeper)
+
+    # the private names replaced: Hydra still calls them this way (this fails when it does not)
+    assert "_save_config(task_cfg, \"config.yaml\", hydra_output)" in inspect.getsource(utils.run_job)
+    assert 'OmegaConf.save(self.config, sweep_dir / "multirun.yaml")' in inspect.getsource(basic_sweeper)
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("precious\n")
+    out = tmp_path / "run" / ".hydra"
+    out.mkdir(parents=True)
+    (out / "config.yaml").symlink_to(victim)
+    utils._save_config(OmegaConf.create({"a": 1}), "config.yaml", out)
+    assert victim.read_text() == "precious\n" and not (out / "config.yaml").is_symlink()
+    assert (out / "config.yaml").read_text() == "a: 1\n"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked = tmp_path / "run2" / ".hydra"
+    linked.parent.mkdir()
+    linked.symlink_to(elsewhere)
+    utils._save_config(OmegaConf.create({"a": 1}), "hydra.yaml", linked)
+    assert list(elsewhere.iterdir()) == [] and linked.is_dir() and not linked.is_symlink()
+    (tmp_path / "multirun.yaml").symlink_to(victim)
+    basic_sweeper.OmegaConf.save(OmegaConf.create({"b": 2}), tmp_path / "multirun.yaml")
+    assert victim.read_text() == "precious\n" and (tmp_path / "multirun.yaml").read_text() == "b: 2\n"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_filesystem_without_locks_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys, code):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    run_folder.hold(tmp_path)
+    try:
+        line = only_line(capsys.readouterr().err)
+        assert line.startswith(f"warning: cannot lock {tmp_path.resolve()}: ")
+        assert line.endswith("nothing now stops a second process from training this run at the same time")
+    finally:
+        run_folder.release(tmp_path)
