@@ -206,13 +206,12 @@ def test_a_relaunch_with_one_more_learning_rate_trains_only_the_new_run(made, sw
     assert len(runs.find_runs([folder])) == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["seed=0,1", "hydra.sweep.subdir=lr${optim.lr}"], "jobs 0 and 1 would share the folder"),
-    (["seed=0,0"], "jobs 0 and 1 are the same run (no setting but what a continuation may change differs)"),
-])
-def test_jobs_that_would_share_a_folder_are_refused_before_any_starts(made, tmp_path, args, message):
-    code, err = invoke("-m", *RUN, *args, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=made)
-    assert code == 2 and message in only_line(err)
+def test_jobs_that_would_share_a_folder_are_refused_before_any_starts(made, tmp_path):
+    code, err = invoke("-m", *RUN, "seed=0,1", "hydra.sweep.subdir=lr${optim.lr}",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=made)
+    assert code == 2
+    assert only_line(err) == (f"error: jobs 0 and 1 would share the folder '{tmp_path / 'sweep' / 'lr0.05'}'; name "
+                              f"what differs between them in hydra.sweep.subdir (it holds one run)")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -339,3 +338,12 @@ def test_a_filesystem_without_locks_warns_once_and_the_run_goes_on(tmp_path, mon
         assert line.endswith("nothing now stops a second process from training this run at the same time")
     finally:
         run_folder.release(tmp_path)
+
+
+def test_the_report_counts_a_copied_run_once(made, tmp_path):
+    from allconv.report import runs
+
+    for name in ("run", "copy of run"):
+        shutil.copytree(made / "run", tmp_path / name)
+    found = runs.find_runs([tmp_path])
+    assert [r.path.name for r in found] == ["copy of run"] and found[0].status == "ok"

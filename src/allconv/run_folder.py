@@ -145,8 +145,8 @@ def read_json(path: Path):
         return None
     try:
         return _parsed(path, json.loads(data))
-    except (ValueError, UnicodeDecodeError):
-        raise RunFolderError(f"{path} is not JSON") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not JSON ({str(e)[:80]})") from None
     except RecursionError:
         raise RunFolderError(f"{path} is nested too deep to be a record; refused") from None
 
@@ -304,9 +304,9 @@ def differences(recorded: dict, mine: dict, extend: bool = True) -> list[str]:
 
 def data_fingerprint(cfg: DictConfig) -> str:
     """The fingerprint of the arrays cfg trains on (loads them)."""
-    from allconv.experiment import build_datamodule
+    from allconv.data import CIFARDataModule
 
-    return build_datamodule(cfg).fingerprint()
+    return CIFARDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seed=cfg.seed).fingerprint()
 
 
 def _check_data(run_dir: Path, recorded: dict | None, fingerprint: str) -> None:
@@ -464,17 +464,12 @@ def plan_sweep(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[i
             raise ConfigError(f"jobs {seen[folder]} and {num} would share the folder {str(folder)!r}; name what "
                               f"differs between them in hydra.sweep.subdir (it holds one run)")
         seen[folder] = num
-    for num in mine:
-        twin = next((o for o in mine if o < num and not differences(mine[o], mine[num], extend=False)), None)
-        if twin is not None:
-            raise ConfigError(f"jobs {twin} and {num} are the same run (no setting but what a continuation may change "
-                              f"differs); a sweep runs each run once")
     runs = _runs_below(sweep)
     target: dict[int, Path] = {}
-    for num in mine:  # a job's own folder first, then any run of the same identity
+    for num in mine:  # a job's own folder first, then a run of the same identity that no job of this launch owns
         own = default[num]
         match = own if runs.get(own) is not None and not differences(runs[own], mine[num]) else next(
-            (f for f in runs if f != own and runs[f] is not None and f not in target.values()
+            (f for f in runs if f not in seen and runs[f] is not None and f not in target.values()
              and not differences(runs[f], mine[num], extend=False)), None)
         if match is not None:
             target[num] = match
@@ -488,9 +483,17 @@ def plan_sweep(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[i
             raise ConfigError(f"job {num}'s folder {str(own)!r} holds another run ({shown}); relaunch the sweep with "
                               f"its own settings, or choose another hydra.sweep.dir")
         target[num] = own
-    for folder in target.values():
+    fingerprints: dict[str, str] = {}  # one load per distinct data setting, not per job
+    for num, folder in target.items():
         if folder.is_dir():
             check_links(folder)
+        recorded = read_json(folder / IDENTITY) if folder in runs else None
+        if isinstance(recorded, dict) and isinstance(recorded.get("data"), str):
+            job = dict(jobs)[num]
+            key = json.dumps(OmegaConf.to_container(job.data, resolve=True), sort_keys=True, default=str)
+            if key not in fingerprints:
+                fingerprints[key] = data_fingerprint(job)
+            _check_data(folder, recorded, fingerprints[key])
     for name in ("multirun.yaml", JOBS):
         if (sweep / name).is_symlink():
             raise RunFolderError(f"{sweep / name} is a symbolic link (to {os.readlink(sweep / name)}); a sweep writes "

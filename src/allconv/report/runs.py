@@ -180,7 +180,7 @@ def _identity(run_dir: Path) -> str | None:
         settings = run_folder.recorded_settings(run_dir)
     except RunFolderError:
         return None
-    if not settings:
+    if not isinstance(recorded, dict) or not settings:  # older folders record no identity: never merged
         return None
     kept = {k: v for k, v in settings.items() if not run_folder.may_change(k)}
     data = recorded.get("data") if isinstance(recorded, dict) else None
