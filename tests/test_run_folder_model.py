@@ -347,3 +347,44 @@ def test_the_report_counts_a_copied_run_once(made, tmp_path):
         shutil.copytree(made / "run", tmp_path / name)
     found = runs.find_runs([tmp_path])
     assert [r.path.name for r in found] == ["copy of run"] and found[0].status == "ok"
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("metrics.json", lambda p: p.mkdir(), "a folder, not a plain file"),
+    ("checkpoints", lambda p: p.write_text("x"), "a plain file, not a folder"),
+    ("checkpoints/last.ckpt", lambda p: p.mkdir(parents=True), "a folder, not a plain file"),
+])
+def test_a_record_path_of_the_wrong_kind_is_refused_before_training(made, tmp_path, name, make, kind):
+    """Else the run trains to its end and only then fails to write metrics.json or its checkpoint."""
+    run = Path(shutil.copytree(made / "run", tmp_path / "run"))
+    (run / "metrics.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    make(run / name)
+    code, err = invoke(*RUN, f"hydra.run.dir={run}", cwd=made)
+    assert code == 2
+    assert only_line(err).startswith(f"error: {run / name} is {kind}; this is not a run folder of this project")
+
+
+def test_a_checkpoint_of_another_network_is_refused_before_training(made, tmp_path):
+    code, err = invoke(*RUN, "model.width=0.25", f"ckpt_path={made / 'run' / 'checkpoints' / 'last.ckpt'}",
+                       f"hydra.run.dir={tmp_path / 'new'}", cwd=made)
+    assert code == 2
+    assert "holds another network than this command builds (net." in only_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_sweep_job_folder_that_is_a_link_is_refused(made, sweep, tmp_path):
+    folder = sweep_copy(sweep, tmp_path / "sweep")
+    job = folder / "0_all_cnn_c_lr0.05_s0"
+    shutil.move(job, tmp_path / "outside")
+    job.symlink_to(tmp_path / "outside")
+    code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", f"hydra.sweep.dir={folder}", cwd=made)
+    assert code == 2 and only_line(err).startswith(f"error: {job} is a symbolic link")
+
+
+def test_a_job_never_takes_another_runs_folder(made, sweep, compose_cfg):
+    """What a job checks itself (a requeued job, or a jobs.json edited between the launch and the job)."""
+    cfg = compose_cfg(*RUN, "optim.lr=0.05")
+    run_folder.check_identity(sweep / "0_all_cnn_c_lr0.05_s0", cfg)
+    with pytest.raises(RunFolderError, match=r"holds another run \(optim.lr 0.1 vs 0.05\); this job does not"):
+        run_folder.check_identity(sweep / "1_all_cnn_c_lr0.1_s0", cfg)

@@ -269,6 +269,7 @@ def train_job(cfg: DictConfig) -> float | None:
     try:
         run_folder.check_links(out)  # again here: a requeued job was not checked by a pre-flight
         if is_multirun():  # a relaunched sweep (or a requeued SLURM job) continues its own folder
+            run_folder.check_identity(out, cfg)
             plan = run_folder.plan_sweep_job(out)
             if plan.note:
                 print(plan.note, file=sys.stderr, flush=True)

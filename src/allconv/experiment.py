@@ -109,7 +109,15 @@ def check(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
         from allconv import checkpoint
 
-        checkpoint.read(cfg.ckpt_path)
+        saved = checkpoint.read(cfg.ckpt_path)["state_dict"]
+        with torch.device("meta"):  # the network this command builds, without memory
+            mine = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes).state_dict()
+        mine = {f"net.{k}": v for k, v in mine.items()}
+        wrong = next((k for k in mine if k not in saved or tuple(saved[k].shape) != tuple(mine[k].shape)), None)
+        if wrong is not None:
+            held = tuple(saved[wrong].shape) if wrong in saved else "nothing"
+            raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} holds another network than this command builds "
+                              f"({wrong}: {held} vs {tuple(mine[wrong].shape)}); continue a run with its own settings")
 
 
 def check_eval(cfg: DictConfig) -> None:

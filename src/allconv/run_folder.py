@@ -74,7 +74,8 @@ _held: dict[Path, int] = {}  # folders this process holds the lock of -> their d
 # -- reading a record ----------------------------------------------------------------------------------
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+                       (stat.S_ISREG, "a plain file")):
         if test(mode):
             return name
     return "not a plain file"
@@ -214,9 +215,23 @@ def state(run_dir: Path) -> str:
     return "interrupted" if _plain_file(run_dir / CHECKPOINT) else "started"
 
 
+FOLDERS = (HYDRA, "checkpoints", "csv")
+FILES = (METRICS, IDENTITY, str(CHECKPOINT), "learning_curve.png")
+
+
 def check_links(run_dir: Path) -> None:
-    """RunFolderError if a path the run writes (or one inside its record folders) is a link."""
+    """RunFolderError if a path the run writes (or one inside its record folders) is a link, or if a record path
+    is of the wrong kind (a folder named metrics.json, a file named checkpoints): the run would fail at its end."""
     run_dir = Path(run_dir)
+    for names, wanted, test in ((FOLDERS, "a folder", stat.S_ISDIR), (FILES, "a plain file", stat.S_ISREG)):
+        for name in names:
+            try:
+                mode = os.lstat(run_dir / name).st_mode
+            except OSError:
+                continue
+            if not stat.S_ISLNK(mode) and not test(mode):
+                raise RunFolderError(f"{run_dir / name} is {_kind(mode)}, not {wanted}; this is not a run folder of "
+                                     f"this project: choose another folder")
     paths = [run_dir / name for name in WRITTEN]
     for sub in (HYDRA, "checkpoints", "csv"):
         folder = run_dir / sub
@@ -331,6 +346,14 @@ def record_identity(run_dir: Path, cfg: DictConfig, fingerprint: str) -> None:
         raise RunFolderError(f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "
                              f"a continuation may change only {ALLOWED}")
     _check_data(run_dir, recorded, fingerprint)
+
+
+def check_identity(run_dir: Path, cfg: DictConfig) -> None:
+    """A job about to use run_dir (a relaunch, a requeue): the run recorded there is this job's run."""
+    recorded = recorded_settings(run_dir) if _lexists(Path(run_dir) / IDENTITY) else None
+    diff = differences(recorded, settings(cfg)) if recorded is not None else []
+    if diff:
+        raise RunFolderError(f"{run_dir} holds another run ({'; '.join(diff[:3])}); this job does not continue it")
 
 
 def recorded_cwd(run_dir: Path) -> Path | None:
@@ -460,6 +483,9 @@ def plan_sweep(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[i
     mine = {num: settings(job) for num, job in jobs}
     seen: dict[object, int] = {}
     for num, folder in default.items():
+        if folder.is_symlink():
+            raise RunFolderError(f"{folder} is a symbolic link (to {os.readlink(folder)}); a sweep writes only inside "
+                                 f"its own folder: replace the link by the folder it points to")
         if folder in seen:
             raise ConfigError(f"jobs {seen[folder]} and {num} would share the folder {str(folder)!r}; name what "
                               f"differs between them in hydra.sweep.subdir (it holds one run)")
