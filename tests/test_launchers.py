@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from allconv import launchers
-from conftest import CONF, run_cli, write_npz
+from conftest import CONF, last_line, run_cli, write_npz
 
 TINY = ["data=npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=2", "data.batch_size=32",
         "logger=none", "callbacks.progress_bar=none", "trainer.enable_progress_bar=false", "print_config=false",
@@ -97,7 +97,8 @@ def test_local_parallel_runs_two_jobs_at_once_each_on_its_own_device(tmp_path):
     sweep = tmp_path / "sweep"
     rc, out, err = run_cli("-m", "hydra/launcher=local_parallel", *TINY, f"data.path={data}", LRS,
                            f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "7,9"})
-    assert rc == 0, err[-3000:]
+    assert rc == 1, err[-3000:]  # every job ran; the diverging one fails the sweep, named on its last line
+    assert last_line(err).startswith("error: 1 of 3 jobs failed: job 2 (2_all_cnn_c_lr1e+30_s0): non-finite loss")
     _check_jobs(_jobs(sweep))
     # No GPU here, so 2 jobs at once (the CPU rule), each in a worker pinned to its own listed device;
     # the third job runs in whichever worker is free first, on that worker's device.
@@ -114,7 +115,8 @@ def test_submitit_local_runs_a_two_job_grid(tmp_path):
     sweep = tmp_path / "sweep"
     rc, out, err = run_cli("-m", "hydra/launcher=submitit_local", *TINY, f"data.path={data}", "optim.lr=0.05,1e30",
                            f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert rc == 0, err[-3000:]
+    assert rc == 1, err[-3000:]
+    assert last_line(err).startswith("error: 1 of 2 jobs failed: job 1 (1_all_cnn_c_lr1e+30_s0): non-finite loss")
     jobs = _jobs(sweep)
     assert sorted(jobs) == ["0_all_cnn_c_lr0.05_s0", "1_all_cnn_c_lr1e+30_s0"]
     assert jobs["0_all_cnn_c_lr0.05_s0"]["status"] == "ok" and jobs["1_all_cnn_c_lr1e+30_s0"]["status"] == "failed"
