@@ -264,7 +264,7 @@ def test_an_alias_bomb_or_a_fifo_in_the_record_is_refused_without_hanging(made, 
     assert only_line(err).endswith("config.yaml holds YAML anchors or aliases; a saved config has none, refused")
     os.unlink(run / ".hydra" / "overrides.yaml")
     os.mkfifo(run / ".hydra" / "overrides.yaml")
-    with pytest.raises(ResumeError, match=r"overrides.yaml is a FIFO, not a plain file"):
+    with pytest.raises(ResumeError, match=r"overrides.yaml is a FIFO, not a regular file"):
         expand_argv(["train.py", f"resume={run}"])
     os.mkfifo(run / "metrics.json")
     assert run_folder.state(run) == "interrupted"  # a FIFO is no result, and reading it does not block

@@ -292,7 +292,8 @@ def train_job(cfg: DictConfig) -> float | None:
         record = {"status": status, "error": message, "model": models.config_name(cfg.model.family, cfg.model.variant),
                   "lr": cfg.optim.lr, "seed": cfg.seed}
         try:
-            experiment.write_json(out / "metrics.json", record)
+            if run_folder.finished_metrics(out) is None:  # a finished result is never replaced by a later failure
+                experiment.write_json(out / "metrics.json", record)
         except OSError:
             pass  # the folder itself is what failed; the line below says why
         if is_multirun() and status != "interrupted":  # the sweep goes on; the report lists the failed run

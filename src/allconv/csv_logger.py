@@ -3,7 +3,8 @@
 A refused write is a WriteError naming the file; the rows it could not write are written by the
 next save. A resumed run continues its metrics.csv: Lightning's writer deletes the file when it
 starts; this one reads it first, writes it back at once, and keeps the rows logged before the step
-where the resumed run takes over. Only public Lightning names are used.
+where the resumed run takes over (a malformed row of the kept file is dropped with one warning line,
+never a failed run). Only public Lightning names are used.
 """
 
 from __future__ import annotations
@@ -12,23 +13,51 @@ import csv
 import io
 import json
 import os
+import sys
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from allconv.curves import csv_lines, finite
 from allconv.errors import WriteError
-from allconv.faults import write_atomic, write_error
+from allconv.faults import NotRegularFile, reason, write_atomic, write_error
 
 
 def _read_rows(path: str) -> list[dict]:
-    """The rows an earlier part of this run wrote (resume continues the same metrics.csv)."""
+    """The rows an earlier part of this run wrote (resume continues the same metrics.csv).
+
+    The kept file is data: a row that is not a row of its header or holds a cell that is not a finite number
+    (each cell this logger writes is one) is dropped, and so is every row of a file that cannot be read as a
+    log (not a regular file, no step column): one warning line names the file and the first fault. The run goes
+    on; the file is rewritten with the rows kept."""
     try:
-        with open(path, newline="") as f:
-            return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        header, lines = csv_lines(path)
     except FileNotFoundError:
         return []
+    except (OSError, NotRegularFile) as e:
+        why = f"cannot be read: {reason(e)}" if isinstance(e, OSError) else str(e)
+        print(f"warning: {path} {why}; its earlier rows are not kept", file=sys.stderr, flush=True)
+        return []
+    if header and ("step" not in header or len(set(header)) != len(header) or "" in header):
+        print(f"warning: {path} is not a metrics log (its header {','.join(header)[:80]!r} names no step column "
+              f"or repeats one); {len(lines)} earlier row{'s' if len(lines) != 1 else ''} not kept", file=sys.stderr,
+              flush=True)
+        return []
+    rows, first_fault = [], ""
+    for number, row in enumerate(lines, start=1):
+        bad = "is not a CSV row of its header" if row is None else \
+            next((f"{k}={v[:40]!r} is not a finite number" for k, v in row.items() if finite(v) is None), "")
+        if bad:
+            first_fault = first_fault or f"row {number}: {bad}"
+        else:
+            rows.append(row)
+    if first_fault:
+        dropped = len(lines) - len(rows)
+        print(f"warning: {path}: dropped {dropped} malformed row{'s' if dropped > 1 else ''} ({first_fault}); "
+              f"kept {len(rows)}", file=sys.stderr, flush=True)
+    return rows
 
 
 class _AtomicExperimentWriter(ExperimentWriter):

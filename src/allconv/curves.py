@@ -2,30 +2,76 @@
 
 Reads the CSVLogger's metrics.csv (logger=csv, the default) that Lightning writes into the run
 directory; train.py calls it at the end of every run, and `python -m allconv.curves <run dir>`
-redraws it.
+redraws it. The file is data from a run folder: only a regular file is read, and a cell that is not
+a finite number (text, NaN, a number too large for a float, a line that is not CSV) is skipped.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from allconv.faults import figure_bytes, write_atomic
+from allconv.faults import figure_bytes, read_regular, write_atomic
+
+# A metrics log holds a few rows per epoch (about 100 kB for 350 epochs); more is not one of this project's.
+MAX_CSV_BYTES = 64 << 20
+MAX_EPOCH = 10 ** 6  # an axis that a figure can draw; no run trains this long
+
+
+def finite(cell: str) -> float | None:
+    """The cell as a finite float, or None (text, NaN, inf, or a number too large for a float)."""
+    try:
+        value = float(cell)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def csv_lines(path: str | Path) -> tuple[list[str], list[dict[str, str] | None]]:
+    """(the header, each later line's non-empty cells by column) of a CSV log; None for a line that is not a row
+    of that header (not CSV, a NUL byte, more or fewer cells). Blank lines are skipped, as csv.DictReader does.
+
+    NotRegularFile or OSError when path is not a readable regular file of at most MAX_CSV_BYTES."""
+    lines = read_regular(path, MAX_CSV_BYTES).decode("utf-8", errors="replace").splitlines()
+
+    def cells(line: str) -> list[str] | None:
+        if "\0" in line:
+            return None
+        try:
+            return next(csv.reader([line]))
+        except (csv.Error, StopIteration):
+            return None
+
+    header = cells(lines[0]) if lines else None
+    if not header:
+        return [], []
+    rows: list[dict[str, str] | None] = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        row = cells(line)
+        fits = row is not None and len(row) == len(header)
+        rows.append({k: v for k, v in zip(header, row, strict=True) if v != ""} if fits else None)
+    return header, rows
 
 
 def read_epochs(metrics_csv: Path) -> dict[str, dict[int, float]]:
-    """{metric: {epoch: value}} from a Lightning CSVLogger file (rows hold some metrics each)."""
+    """{metric: {epoch: value}} from a Lightning CSVLogger file (rows hold some metrics each).
+
+    A row whose epoch is not a whole number in 0..MAX_EPOCH is skipped, and so is a cell that is not a finite
+    number."""
     series: dict[str, dict[int, float]] = defaultdict(dict)
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            epoch = int(float(row["epoch"]))
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    series[key][epoch] = float(value)
+    for row in csv_lines(metrics_csv)[1]:
+        epoch = finite(row.get("epoch", "")) if row else None
+        if epoch is None or not (0 <= epoch <= MAX_EPOCH and epoch.is_integer()):
+            continue
+        for key, cell in row.items():
+            value = finite(cell)
+            if key not in ("epoch", "step") and value is not None:
+                series[key][int(epoch)] = value
     return series
 
 
@@ -76,6 +122,7 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
 
 if __name__ == "__main__":
     from allconv.errors import AllConvError
+    from allconv.faults import NotRegularFile, reason
 
     try:
         for d in sys.argv[1:]:
@@ -83,3 +130,7 @@ if __name__ == "__main__":
     except AllConvError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (OSError, NotRegularFile) as e:  # the log was replaced after plot_run found a file there
+        why = f"cannot be read: {reason(e)}" if isinstance(e, OSError) else str(e)
+        print(f"error: {Path(d) / 'csv' / 'metrics.csv'} {why}", file=sys.stderr)
+        sys.exit(2)

@@ -5,7 +5,8 @@ torchvision, read by our own reader so small files in the official format work t
 arrays file (x_train, y_train, x_test, y_test; uint8 NHWC), such as the JPEG copy of CIFAR-10
 decoded by shared/data/cifar10_jpeg_to_arrays.py, or CIFAR-10.1. Both are outside data: the official
 files are unpickled by allconv.safe_pickle (plain data only, md5-checked or not) and their structure
-checked; an arrays file's headers are checked against its size before any array is allocated.
+checked; an arrays file's headers are checked against its size and this machine's memory before any
+array is allocated, and its class names against data.num_classes.
 
 As in airbench, the whole preprocessed dataset lives on the training device as one tensor: a batch
 is an index slice of a device-side permutation, and flips/translations are tensor ops on the
@@ -28,6 +29,7 @@ import torch
 from allconv import preprocessing as pp
 from allconv import safe_pickle
 from allconv.errors import DataError
+from allconv.faults import file_kind
 
 OFFICIAL = {
     # name: (folder, train files, test files, label key, meta file, meta key, classes)
@@ -231,8 +233,8 @@ def _npz_members(path: Path, keys) -> dict:
 
 def _check_npz_exists(path: Path) -> None:
     if not path.is_file():
-        raise DataError(f"data.path {str(path)!r} does not exist; "
-                        f"expected an .npz with x_train, y_train, x_test, y_test")
+        what = f"is {file_kind(path.stat().st_mode)}" if path.exists() else "does not exist"
+        raise DataError(f"data.path {str(path)!r} {what}; expected an .npz with x_train, y_train, x_test, y_test")
 
 
 def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> None:
@@ -259,12 +261,37 @@ def _check_arrays(path: Path, shapes: dict, labels: dict, num_classes: int) -> N
                             f"(data.num_classes={num_classes})")
 
 
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_classes_and_size(path: Path, shapes: dict, num_classes: int) -> None:
+    """From the headers: `classes`, when present, is num_classes strings, and the arrays a run reads fit in memory.
+
+    np.load allocates what a header declares before it reads a byte; the file's size bounds that only to about
+    a thousand times itself (deflate), so a 100 MB file could still ask for 100 GB."""
+    if "classes" in shapes:
+        shape, dtype = shapes["classes"]
+        if tuple(shape) != (num_classes,) or dtype.kind not in "US":
+            raise DataError(f"classes in {str(path)!r} has shape {tuple(shape)} {dtype}; allowed: ({num_classes},) "
+                            f"strings, one name per class (data.num_classes={num_classes})")
+    declared = {k: int(np.prod(shapes[k][0], dtype=object)) * shapes[k][1].itemsize
+                for k in (*NPZ_KEYS, "classes") if k in shapes}
+    memory = _memory_bytes()
+    if sum(declared.values()) > memory:
+        biggest = max(declared, key=declared.get)
+        raise DataError(f"data.path {str(path)!r} declares {sum(declared.values()) / 1e9:.1f} GB of arrays "
+                        f"({biggest} {tuple(shapes[biggest][0])} {shapes[biggest][1]}), more than this machine's "
+                        f"{memory / 1e9:.1f} GB of memory (CIFAR-10 takes 0.18 GB); refused before loading")
+
+
 def check_npz(path: str | Path, num_classes: int) -> int:
     """Validate an arrays file from its headers and labels, without reading the images; returns n_train."""
     path = Path(path)
     _check_npz_exists(path)
     shapes = _npz_read(path, lambda: _npz_headers(path))
     _check_arrays(path, shapes, {}, num_classes)  # before the labels are read: their headers are sound
+    _check_classes_and_size(path, shapes, num_classes)
     labels = _npz_read(path, lambda: _npz_members(path, ("y_train", "y_test")))  # a few hundred kB
     _check_arrays(path, shapes, {"train": labels["y_train"], "test": labels["y_test"]}, num_classes)
     return shapes["x_train"][0][0]
@@ -276,12 +303,14 @@ def load_npz(path: str | Path, num_classes: int) -> dict:
     _check_npz_exists(path)
     shapes = _npz_read(path, lambda: _npz_headers(path))
     _check_arrays(path, shapes, {}, num_classes)
+    _check_classes_and_size(path, shapes, num_classes)
     keys = [*NPZ_KEYS, *(["classes"] if "classes" in shapes else [])]
     arrays = _npz_read(path, lambda: _npz_members(path, keys))
     _check_arrays(path, shapes, {s: arrays[f"y_{s}"] for s in ("train", "test")}, num_classes)
     for split in ("train", "test"):
         arrays[f"y_{split}"] = arrays[f"y_{split}"].astype(np.int64)
-    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(num_classes)]
+    classes = [c.decode("latin-1") if isinstance(c, bytes) else str(c) for c in arrays["classes"].tolist()] \
+        if "classes" in arrays else [str(i) for i in range(num_classes)]
     return {k: arrays[k] for k in NPZ_KEYS} | {"classes": classes}
 
 

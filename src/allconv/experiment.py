@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from allconv import models, run_folder, schema
 from allconv.csv_logger import CSVLogger
 from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
-from allconv.errors import ConfigError
+from allconv.errors import ConfigError, WriteError
 from allconv.faults import write_atomic
 from allconv.module import AllConvModule
 
@@ -109,7 +110,9 @@ def check(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
         from allconv import checkpoint
 
-        saved = checkpoint.read(cfg.ckpt_path)["state_dict"]
+        ckpt = checkpoint.read(cfg.ckpt_path)
+        checkpoint.module_from(ckpt, cfg.ckpt_path)  # its tensors fit its own network: dtypes too, never cast
+        saved = ckpt["state_dict"]
         with torch.device("meta"):  # the network this command builds, without memory
             mine = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes).state_dict()
         mine = {f"net.{k}": v for k, v in mine.items()}
@@ -251,7 +254,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "metrics.json", metrics)
         if trainer.logger:
             trainer.logger.save()
-        plot_run(run_dir, title=f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}")
+        title = f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}"
+        try:
+            plot_run(run_dir, title=title)
+        except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
+            what = e if isinstance(e, WriteError) else \
+                f"{run_dir / 'learning_curve.png'} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
+            print(f"warning: {what}; the run's result stands (python -m allconv.curves {run_dir} redraws it)",
+                  file=sys.stderr)
     if hasattr(trainer.logger, "finish_run"):  # W&B: each job its own run, closed with the final metrics
         trainer.logger.finish_run(metrics)
     if ranks is not None:

@@ -6,16 +6,28 @@ file in the same folder, which is flushed, fsynced and renamed over the target. 
 of these steps (ENOSPC, EDQUOT, EACCES, EROFS, EIO, ...) removes the temporary file, leaves the
 previous version of the target as it was, and becomes one WriteError naming the file and the
 reason. Writers render to memory first, so a half-written file never has a name: torch.save's own
-error for a full disk is a RuntimeError from its zip writer, not an OSError.
+error for a full disk is a RuntimeError from its zip writer, not an OSError. A process killed between
+the temporary file and the rename leaves `.<name>.<random>.tmp` behind; the next write of that target
+removes it (STALE_TMP_S).
+
+read_regular() is how a file from elsewhere is read: only a regular file, opened without blocking (a
+FIFO in its place would hang the reader), of a bounded size. lock() is how a file is locked: a
+filesystem without locks (Lustre mounted without flock, NFS without its lock daemon) is one warning
+line naming what is then unguarded, not a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
+import re
+import stat
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from allconv.errors import WriteError
@@ -41,12 +53,39 @@ def _umask() -> int:
     return mask
 
 
+# A temporary file untouched this long is a killed writer's: a live write modifies its file as it goes and
+# renames it within seconds (the bytes are rendered before the file exists). Younger ones may be another
+# process's write of the same target in progress, which must not lose its file before its rename.
+STALE_TMP_S = 600
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files of earlier, killed writes of path: `.<name>.<8 random chars>.tmp` beside it.
+
+    mkstemp's names only, so a leftover of another target (`.<name>.x.<random>.tmp`) is never taken; only
+    regular files and links, unlinked (a link is removed as a link, never followed)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [e.name for e in entries if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    for name in names:
+        leftover = path.parent / name
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: the write goes on
+            st = os.lstat(leftover)
+            stale = stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > STALE_TMP_S)
+            if stale:
+                os.unlink(leftover)
+
+
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """Write data to path as a whole (temporary file, fsync, rename); WriteError if the system refuses."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path)  # first: on a full disk their space may be what this write needs
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
@@ -65,6 +104,72 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     return path
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words: 'a folder', 'a FIFO', ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISREG, "a plain file")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class NotRegularFile(ValueError):
+    """read_regular() refused a path: str(e) says what it is instead (a folder, a FIFO, a device, too large)."""
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of path if it is a regular file of at most limit bytes; NotRegularFile otherwise.
+
+    Checked before it is opened (opening a device can act on it) and again on the open descriptor, which is
+    opened non-blocking: a FIFO put in its place meanwhile cannot hang the reader. OSError as the system says
+    (FileNotFoundError, PermissionError, ...)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(f"is {file_kind(mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"is {file_kind(st.st_mode)}, not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise NotRegularFile(f"holds more than {limit} bytes")
+    return b"".join(chunks)
+
+
+# flock's errors where the filesystem has no locks at all: Lustre mounted without -o flock (ENOSYS), NFS
+# without its lock daemon (ENOLCK), filesystems that do not implement it (EOPNOTSUPP).
+LOCKLESS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+_warned_lockless: set[str] = set()
+
+
+def lock(fd: int, path: str | Path, *, blocking: bool, guards: str) -> bool:
+    """An exclusive flock on fd, which is open on path. True: held (closing fd releases it).
+
+    False: the filesystem has no locks; one line `warning: cannot lock <path>: <reason>; <guards>` (guards
+    says what is now unguarded) is printed the first time for each path, and the caller goes on unlocked.
+    BlockingIOError (blocking=False) when another process holds the lock; any other OSError propagates."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in LOCKLESS:
+            raise
+        if str(path) not in _warned_lockless:
+            _warned_lockless.add(str(path))
+            print(f"warning: cannot lock {path}: {reason(e)}; {guards}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def torch_bytes(obj) -> bytes:

@@ -4,7 +4,8 @@ Exactly as pylearn2's make_cifar10_gcn_whitened.py (GlobalContrastNormalization(
 ZCA(filter_bias=0.1)), on plain tensors/arrays, no Lightning. The ZCA fit (a 3072x3072
 eigendecomposition over the training set) is cached on disk keyed by the data and the parameters,
 so a second run and every DDP rank load it instead of refitting. Cache writes are atomic and
-serialised by a file lock, so concurrent jobs sharing a cache never see a half-written file. A cache
+serialised by a file lock, so concurrent jobs sharing a cache fit it once (on a filesystem without locks
+each may fit it, one warning line says so; writes stay atomic, so none sees a half-written file). A cache
 that cannot be written (full disk, read-only or foreign folder) is not fatal: the fit is used from
 memory and one line on stderr says so. A cache file is checked before it is used (its key, shapes,
 a finite, symmetric, positive definite P, the data's mean): one that fails is refitted and replaced,
@@ -14,8 +15,8 @@ and one line on stderr says which file and why.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
+import io
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from allconv.errors import WriteError
-from allconv.faults import torch_bytes, write_atomic
+from allconv.faults import NotRegularFile, lock, read_regular, torch_bytes, write_atomic
 
 CACHE_VERSION = 1
 
@@ -107,19 +108,19 @@ def fingerprint(*arrays: np.ndarray, **params) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock next to path; without one when the folder cannot hold the lock file (read-only)."""
+    """An exclusive lock next to path; without one when the folder cannot hold the lock file (read-only) or its
+    filesystem has no locks (one warning line, faults.lock)."""
+    lock_path = path.with_suffix(".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path.with_suffix(".lock"), "a+")
+        f = open(lock_path, "a+")
     except OSError:
         yield
         return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with f:  # closing the file releases the lock
+        lock(f.fileno(), lock_path, blocking=True,
+             guards="two runs could now fit the same ZCA cache at once (the cache file is still written atomically)")
+        yield
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -140,7 +141,9 @@ def _read_cache(path: Path, key: str, x_gcn: torch.Tensor, filter_bias: float) -
         size = path.stat().st_size
         if size > most:
             return None, f"{size} bytes, more than a fit for {d} inputs takes"
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(read_regular(path, most)), map_location="cpu", weights_only=True)
+    except NotRegularFile as e:  # a FIFO would block torch.load for good
+        return None, str(e)
     except Exception as e:  # truncated, garbage, not a torch file, or refused by weights_only
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         return None, f"unreadable: {type(e).__name__}{': ' + detail if detail else ''}"

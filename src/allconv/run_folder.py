@@ -29,8 +29,6 @@ says that this guard is off and the run goes on. DDP ranks other than 0 share ra
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
 import os
@@ -42,6 +40,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from allconv.errors import ConfigError, ResumeError, RunFolderError
+from allconv.faults import NotRegularFile, file_kind, lock, read_regular, reason
 
 HYDRA = ".hydra"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -54,7 +53,6 @@ WRITTEN = (*RECORD, "csv", "learning_curve.png", "guided_backprop", "filters", "
 JOBS = "jobs.json"  # in a sweep folder: the folder of each job of the last launch, when a run moved number
 MAX_BYTES = 4 << 20  # a record file is a few kB; a larger one is not this project's
 MAX_DEPTH = 64  # nesting of a record (a config is 4 deep)
-LOCKLESS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
 
 # -- the one rule: what a continuation may change --------------------------------------------------------
 # Settings that only change how a run is watched, or where its data is read from (its fingerprint must match):
@@ -72,52 +70,21 @@ _held: dict[Path, int] = {}  # folders this process holds the lock of -> their d
 
 
 # -- reading a record ----------------------------------------------------------------------------------
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
-                       (stat.S_ISREG, "a plain file")):
-        if test(mode):
-            return name
-    return "not a plain file"
-
-
-def _reason(e: OSError) -> str:
-    return f"{e.strerror or type(e).__name__} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else str(e)
-
-
 def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes | None:
     """A record file's bytes (None if absent), never through a link; RunFolderError for anything but a plain file
-    of at most `limit` bytes. O_NONBLOCK: a FIFO swapped in after the check cannot block the open."""
+    of at most `limit` bytes (faults.read_regular: a FIFO cannot block the read)."""
     path = Path(path)
     try:
-        st = os.lstat(path)
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); a run's record holds plain "
+                                 f"files")
+        return read_regular(path, limit)
     except FileNotFoundError:
         return None
+    except NotRegularFile as e:
+        raise RunFolderError(f"{path} {e}; a run's record holds plain files") from None
     except OSError as e:
-        raise RunFolderError(f"{path} cannot be read: {_reason(e)}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RunFolderError(f"{path} is {_kind(st.st_mode)}, not a plain file; a run's record holds plain files")
-    if st.st_size > limit:
-        raise RunFolderError(f"{path} holds {st.st_size} bytes, more than a record file holds ({limit}); refused")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        raise RunFolderError(f"{path} cannot be read: {_reason(e)}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RunFolderError(f"{path} is not a plain file; a run's record holds plain files")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise RunFolderError(f"{path} holds more than {limit} bytes; refused")
-    return b"".join(chunks)
+        raise RunFolderError(f"{path} cannot be read: {reason(e)}") from None
 
 
 def _too_deep(node) -> bool:
@@ -230,8 +197,8 @@ def check_links(run_dir: Path) -> None:
             except OSError:
                 continue
             if not stat.S_ISLNK(mode) and not test(mode):
-                raise RunFolderError(f"{run_dir / name} is {_kind(mode)}, not {wanted}; this is not a run folder of "
-                                     f"this project: choose another folder")
+                raise RunFolderError(f"{run_dir / name} is {file_kind(mode)}, not {wanted}; this is not a run folder "
+                                     f"of this project: choose another folder")
     paths = [run_dir / name for name in WRITTEN]
     for sub in (HYDRA, "checkpoints", "csv"):
         folder = run_dir / sub
@@ -384,17 +351,15 @@ def hold(run_dir: Path) -> None:
         return
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock(fd, run_dir, blocking=False,
+             guards="nothing now stops a second process from training this run at the same time")
     except BlockingIOError:
         os.close(fd)
         raise ResumeError(f"{run_dir} is being trained by another process; wait for it to end "
                           f"(two processes cannot train one run)") from None
-    except OSError as e:
-        if e.errno not in LOCKLESS:
-            os.close(fd)
-            raise
-        print(f"warning: cannot lock {run_dir}: {_reason(e)}; nothing now stops a second process from training "
-              f"this run at the same time", file=sys.stderr, flush=True)
+    except OSError:
+        os.close(fd)
+        raise
     _held[run_dir] = fd
 
 

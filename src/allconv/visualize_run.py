@@ -35,6 +35,8 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"viz.{key} must be an integer >= 1, got {v[key]!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {cfg.device!r}; allowed: auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: this machine has no CUDA GPU; use device=auto or device=cpu")
 
 
 def _out_dir(cfg: DictConfig) -> Path:
