@@ -388,3 +388,18 @@ def test_a_job_never_takes_another_runs_folder(made, sweep, compose_cfg):
     run_folder.check_identity(sweep / "0_all_cnn_c_lr0.05_s0", cfg)
     with pytest.raises(RunFolderError, match=r"holds another run \(optim.lr 0.1 vs 0.05\); this job does not"):
         run_folder.check_identity(sweep / "1_all_cnn_c_lr0.1_s0", cfg)
+
+
+@pytest.mark.parametrize("out_dir, message", [
+    ("run/checkpoints", "is inside the record of the run"), ("run/.hydra/figures", "is inside the record of the run"),
+    ("run/visualize/x", "is a symbolic link"),
+])
+def test_visualize_never_writes_a_runs_record_or_through_a_link(made, tmp_path, out_dir, message):
+    run = Path(shutil.copytree(made / "run", tmp_path / "run"))
+    (tmp_path / "elsewhere").mkdir()
+    (run / "visualize").symlink_to(tmp_path / "elsewhere")
+    before = hashes(tmp_path)
+    code, err = invoke(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "viz.figure=filters",
+                       f"out_dir={tmp_path / out_dir}", cwd=made, script=SRC / "visualize.py")
+    assert code == 2 and message in only_line(err), err
+    assert hashes(tmp_path) == before

@@ -210,6 +210,24 @@ def check_links(run_dir: Path) -> None:
                                  f"own folder: replace the link by the file or folder it points to")
 
 
+def check_outside_record(path: Path) -> None:
+    """A folder another command writes into (visualize's out_dir): if it lies in a run folder, then outside that
+    run's record and reached without a link; RunFolderError otherwise."""
+    path = Path(os.path.abspath(path))
+    for root in path.parents:
+        if not is_run(root):
+            continue
+        parts = path.relative_to(root).parts
+        if parts[0] in RECORD:
+            raise RunFolderError(f"{path} is inside the record of the run {root} ({parts[0]}); a figure is written "
+                                 f"beside it, e.g. {root / 'visualize'}")
+        for i in range(1, len(parts) + 1):
+            if (root.joinpath(*parts[:i])).is_symlink():
+                raise RunFolderError(f"{root.joinpath(*parts[:i])} is a symbolic link; a figure of the run {root} is "
+                                     f"written only inside its folder")
+        return
+
+
 # -- a run's identity and the one rule -----------------------------------------------------------------
 def _flat(node, prefix: str = "") -> dict[str, object]:
     if isinstance(node, dict) and node:

@@ -49,6 +49,9 @@ def _out_dir(cfg: DictConfig) -> Path:
     out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "visualize" / name
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a directory")
+    from allconv.run_folder import check_outside_record
+
+    check_outside_record(out)  # a training run's record is never written by visualize
     check_output_dir(out, "out_dir")
     return out
 
