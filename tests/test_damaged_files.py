@@ -146,6 +146,7 @@ def test_report_curves_beside_a_fifo_named_metrics_csv(run_entry, made, tmp_path
     sweep = tmp_path / "sweep"
     shutil.copytree(made, sweep / "0")
     shutil.copytree(made, sweep / "1")
+    (sweep / "1" / "identity.json").unlink()  # else the report counts the copy once, and never opens its csv
     (sweep / "1" / "csv" / "metrics.csv").unlink()
     os.mkfifo(sweep / "1" / "csv" / "metrics.csv")
     code, out, err = run_entry(str(sweep), "--curves", "--no-plot", script=REPORT_PY)

@@ -180,12 +180,15 @@ class Preflight(Callback):
             from hydra.core.hydra_config import HydraConfig
 
             HydraConfig.instance().set_config(config)  # as Hydra does next: ${hydra:...} in any value resolves
-            self._check(config)
-            if self.run_folders:
+            from allconv.schema import validate
+
+            validate(config, self.schema)
+            if self.run_folders:  # first what the folder allows, then the checkpoint and data it would continue with
                 run_folder.check_single_run(config)
                 if run_folder.is_secondary_rank():  # a rank started by torchrun or srun: the folder is rank 0's
                     with read_write(config.hydra), open_dict(config.hydra):
                         config.hydra.output_subdir = None  # run_job reads it from this config next
+            self.check(config)
             if self.output_key and OmegaConf.select(config, self.output_key) is not None:
                 check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
 
