@@ -23,7 +23,7 @@ from conftest import SRC, TINY, only_line, run_cli, write_npz
 
 EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
-REPLAYS = ("resume replays only the run's own settings (callbacks, data, experiment, logger, model, optim, "
+REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
            "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
 KEEPS = ("a resumed run keeps its settings — start a new run to change them (a resume may change only "
          "print_config, callbacks.progress_bar, callbacks.progress_bar_refresh, trainer.enable_progress_bar, "
