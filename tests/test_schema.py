@@ -19,7 +19,7 @@ TRAINER_KEYS = ("max_epochs, accelerator, devices, num_nodes, strategy, precisio
                 "log_every_n_steps, check_val_every_n_epoch, fast_dev_run, limit_train_batches, limit_val_batches, "
                 "limit_test_batches, enable_progress_bar, num_sanity_val_steps, max_steps, min_epochs, min_steps, "
                 "max_time, accumulate_grad_batches, val_check_interval, overfit_batches, detect_anomaly, "
-                "enable_model_summary, inference_mode")
+                "enable_model_summary, inference_mode, profiler")
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # torch sees no GPU, whatever this machine has
 
 # (id, script, arguments, environment, the one line of stderr)
@@ -180,7 +180,7 @@ def test_every_preset_and_each_of_its_jobs_validates(conf_dir, preset):
                                        "(or null for all)"),
     (["seed=-1"], "seed=-1: must be a whole number in 0..4294967295"),
     (["~model.width"], "model.width is not set; must be a positive number"),
-    (["logger.kind=foo"], "logger.kind=foo: must be one of: csv, none, wandb"),
+    (["logger.kind=foo"], "logger.kind=foo: must be one of: csv, none, wandb, tensorboard, many"),
     (["logger=csv", "+logger.project=x"], "logger.project=x: unknown key; logger has: kind"),
     (["logger=wandb", "logger.mode=x"], "logger.mode=x: must be one of: auto, online, offline, disabled"),
     (["model.width=inf"], "model.width=inf: must be a positive number"),

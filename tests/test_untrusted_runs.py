@@ -22,7 +22,7 @@ from conftest import SRC, TINY, only_line, run_cli, write_npz
 
 EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
-REPLAYS = ("resume replays only the run's own settings (callbacks, data, experiment, logger, model, optim, "
+REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
            "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
 KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar*, "
          "trainer.enable_progress_bar, trainer.enable_model_summary, logger*, where the data is (data.root, path, "

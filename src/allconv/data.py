@@ -538,7 +538,9 @@ class CIFARDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         epoch = (lambda: self.trainer.current_epoch) if self.trainer else None
         if train:
-            return DeviceLoader(x, y, self.batch_size, shuffle=True, drop_last=self.drop_last, augment=self.augment,
+            # Lightning's overfit_batches turns a DataLoader's shuffling off; this loader is no DataLoader, so here
+            shuffle = not (self.trainer is not None and self.trainer.overfit_batches)
+            return DeviceLoader(x, y, self.batch_size, shuffle=shuffle, drop_last=self.drop_last, augment=self.augment,
                                 translate=self.translate, seed=self.seed, rank=rank, world_size=world, epoch=epoch)
         return DeviceLoader(x, y, self.eval_batch_size, rank=rank, world_size=world)
 

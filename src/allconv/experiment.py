@@ -182,21 +182,39 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.
     kwargs = trainer_kwargs(cfg)
     if cfg.callbacks.get("progress_bar") == "none":
         kwargs["enable_progress_bar"] = False  # else Lightning adds its own bar
+    if kwargs.get("profiler") in schema.PROFILERS:  # Lightning's own, from the name, writes its table nowhere
+        from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
+
+        profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
+        kwargs["profiler"] = profiler(dirpath=str(run_dir), filename="profiler")
     return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
                      plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
+    """The run's logger, or a list of them (logger=many): each gets the same metrics from Lightning.
+
+    csv/metrics.csv is written whichever are picked (W&B's logger holds a CSVLogger of its own): the learning curve
+    is drawn from it. The first is trainer.logger, which train() saves and, for W&B, closes with the final metrics.
+    """
     kind = cfg.logger.kind
     if kind == "none":
         return False
-    if kind == "csv":
-        return CSVLogger(str(run_dir), name="csv", version="")  # Lightning's, its files written whole
-    if kind == "wandb":
+    kinds = list(cfg.logger.loggers) if kind == "many" else [kind]
+    unknown = [k for k in kinds if k not in schema.LOGGERS]
+    if unknown:
+        raise ConfigError(f"unknown logger {unknown[0]!r}; allowed: {', '.join(schema.LOGGERS)}, many, none")
+    if "wandb" in kinds:
         from allconv.wandb_logger import build_wandb_logger  # imported only here: wandb is heavy
 
-        return build_wandb_logger(cfg, run_dir)
-    raise ConfigError(f"unknown logger.kind {kind!r}; allowed: csv, wandb, none")
+        loggers = [build_wandb_logger(cfg, run_dir)]
+    else:
+        loggers = [CSVLogger(str(run_dir), name="csv", version="")]  # Lightning's, its files written whole
+    if "tensorboard" in kinds:
+        from allconv.tensorboard_logger import build_tensorboard_logger
+
+        loggers.append(build_tensorboard_logger(cfg, run_dir))
+    return loggers if len(loggers) > 1 else loggers[0]
 
 
 def write_json(path: Path, obj: dict) -> None:

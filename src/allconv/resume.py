@@ -6,7 +6,7 @@ mode. The run continues in the same folder and writes the metrics.json it would 
 
 A run folder may come from elsewhere, so its overrides.yaml is data, not a command line: resume
 replays only the project's own settings (run_settings(): the top-level keys and config groups of
-conf/train.yaml, i.e. model, data, optim, trainer, logger, callbacks, experiment, seed, print_config).
+conf/train.yaml, i.e. model, data, optim, trainer, logger, callbacks, experiment, debug, seed, print_config).
 An entry that sets anything of Hydra's (hydra.*, hydra/...: callbacks, launchers, sweepers,
 logging, all of which Hydra builds or runs), that places a config under another package (@), or
 that holds `_target_` or an interpolation `${...}`, or a sweep, is refused with one line before

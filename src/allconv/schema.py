@@ -97,6 +97,8 @@ SOURCES = (*OFFICIAL, "npz")
 # Listed here, not imported: visualize_run and wandb_logger reach cli and experiment, which import this module.
 FIGURES = ("reconstructions", "filters", "whitening")  # allconv.visualize_run draws these
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # allconv.wandb_logger.resolve_mode reads these
+LOGGERS = ("csv", "wandb", "tensorboard")  # what logger=many combines (allconv.experiment.build_logger)
+PROFILERS = ("simple", "advanced")  # Lightning's, built with the run folder as their dirpath (experiment.build_trainer)
 PRECISIONS = ("auto", *precision_names())  # auto: bf16-mixed on CUDA, else 32-true (trainer_kwargs)
 
 
@@ -199,6 +201,7 @@ class Trainer(Section):
     detect_anomaly: Flag = None
     enable_model_summary: Flag = None
     inference_mode: Flag = None
+    profiler: one_of(*PROFILERS, null="none") = None
 
 
 class Checkpoint(Section):
@@ -239,7 +242,26 @@ class WandbLogger(Section):
     save_dir: string("a folder", null="the run directory")
 
 
-Logger = Annotated[CSVLogger | NoLogger | WandbLogger, Field(discriminator="kind")]
+class TensorBoardLogger(Section):
+    kind: Literal["tensorboard"]
+
+
+class ManyLoggers(WandbLogger):
+    """logger=many: the loggers listed, with logger=wandb's settings for W&B (allconv.experiment.build_logger)."""
+
+    kind: Literal["many"]
+    loggers: rule(Annotated[list[Literal[LOGGERS]], Field(min_length=1)],
+                  "a list of " + ", ".join(LOGGERS) + " (csv among them)")
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if "csv" not in self.loggers:  # what the run writes is what the list says
+            raise broken("logger.loggers", self.loggers, "must include csv: the learning curve and the report "
+                                                         "read csv/metrics.csv")
+        return self
+
+
+Logger = Annotated[CSVLogger | NoLogger | WandbLogger | TensorBoardLogger | ManyLoggers, Field(discriminator="kind")]
 
 
 class TrainConfig(Section):

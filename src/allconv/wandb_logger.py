@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
+from allconv.csv_logger import CSVLogger  # written whole; a resumed run keeps its earlier rows
 from allconv.errors import ConfigError
 from allconv.lightning_private import QuietWandbLogger
 
