@@ -25,9 +25,9 @@ VISUALIZE_PY = SRC / "visualize.py"
 REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
            "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
 KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar*, "
-         "trainer.enable_progress_bar, trainer.enable_model_summary, logger*, where the data is (data.root, path, "
-         "download, verify_md5, cache_dir; the same data) and trainer.max_epochs upward: start a new run to change "
-         "the rest")
+         "trainer.enable_progress_bar, trainer.enable_model_summary, trainer.profiler, logger*, where the data is "
+         "(data.root, path, download, verify_md5, cache_dir; the same data) and trainer.max_epochs upward: start a "
+         "new run to change the rest")
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ IDENTITY = "identity.json"
 RECORD = (HYDRA, "checkpoints", METRICS, IDENTITY)
 # What a run writes below its folder: a link at any of these names would send a write outside the folder.
 WRITTEN = (*RECORD, "csv", "learning_curve.png", "guided_backprop", "filters", "visualize", "wandb", "tensorboard",
-           "profiler")
+           "fit-profiler.txt", "test-profiler.txt")
 JOBS = "jobs.json"  # in a sweep folder: the folder of each job of the last launch, when a run moved number
 MAX_BYTES = 4 << 20  # a record file is a few kB; a larger one is not this project's
 MAX_DEPTH = 64  # nesting of a record (a config is 4 deep)
@@ -57,14 +57,14 @@ MAX_DEPTH = 64  # nesting of a record (a config is 4 deep)
 # -- the one rule: what a continuation may change --------------------------------------------------------
 # Settings that only change how a run is watched, or where its data is read from (its fingerprint must match):
 CONTINUATION = ("print_config", "callbacks.progress_bar", "callbacks.progress_bar_refresh",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary", "logger",
+                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.profiler", "logger",
                 "data.root", "data.path", "data.download", "data.verify_md5", "data.cache_dir")
 RAISED = ("trainer.max_epochs",)  # a continuation may extend the run: raise it, never lower it
 # Keys a newer version added, with the behaviour of the folders made before them (the key then "unset").
 OLDER = {"model.final_weights": "init"}
 ALLOWED = ("print_config, callbacks.progress_bar*, trainer.enable_progress_bar, trainer.enable_model_summary, "
-           "logger*, where the data is (data.root, path, download, verify_md5, cache_dir; the same data) "
-           "and trainer.max_epochs upward")
+           "trainer.profiler, logger*, where the data is (data.root, path, download, verify_md5, cache_dir; the same "
+           "data) and trainer.max_epochs upward")
 _UNSET = object()
 _held: dict[Path, int] = {}  # folders this process holds the lock of -> their descriptor
 
