@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from allconv import callbacks as C
 from allconv import experiment, schema
-from allconv.resume import ResumeError, expand_argv
+from allconv.resume import expand_argv
 from conftest import CONF, write_npz
 
 PRESETS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
@@ -121,8 +121,8 @@ def test_debug_fdr_runs_one_batch_into_a_debug_folder(run_entry, tmp_path):
     (run_dir / "metrics.json").unlink()  # as if stopped before the end: resume= replays the preset, keeps it
     argv = expand_argv(["train.py", f"resume={run_dir}"])
     assert "debug=fdr" in argv and f"hydra.run.dir='{run_dir}'" in argv
-    with pytest.raises(ResumeError, match="debug=limit differs from the run's fdr"):
-        expand_argv(["train.py", f"resume={run_dir}", "debug=limit"])
+    rc, out, err = run_entry(f"resume={run_dir}", "debug=limit", cwd=tmp_path)  # another preset: another run
+    assert rc == 2 and f"error: hydra.run.dir='{run_dir}' holds a run with other settings (" in err, err
 
 
 def test_debug_limit_trains_a_fraction_of_the_batches_for_three_epochs(tmp_path, shared_cache_dir, batches,

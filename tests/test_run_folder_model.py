@@ -403,3 +403,13 @@ def test_visualize_never_writes_a_runs_record_or_through_a_link(made, tmp_path, 
                        f"out_dir={tmp_path / out_dir}", cwd=made, script=SRC / "visualize.py")
     assert code == 2 and message in only_line(err), err
     assert hashes(tmp_path) == before
+
+
+def test_the_report_leaves_debug_runs_out_unless_given_them(made, tmp_path):
+    from allconv.report import runs
+
+    shutil.copytree(made / "run", tmp_path / "multirun" / "sweep" / "0_run")
+    debug = Path(shutil.copytree(made / "run", tmp_path / "multirun" / "debug" / "sweep" / "0_run"))
+    (debug / "identity.json").unlink()  # another run than the first, as far as the report can tell
+    assert [r.path for r in runs.find_runs([tmp_path / "multirun"])] == [tmp_path / "multirun" / "sweep" / "0_run"]
+    assert [r.path for r in runs.find_runs([tmp_path / "multirun" / "debug"])] == [debug]

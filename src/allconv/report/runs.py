@@ -189,7 +189,8 @@ def _identity(run_dir: Path) -> str | None:
 
 def find_runs(dirs: list[Path]) -> list[Run]:
     """Run folders under dirs: any folder with a metrics.json or a Hydra .hydra/ folder (not a sweep's root).
-    A folder that holds the same run as one already read (a copy) is counted once."""
+    A folder that holds the same run as one already read (a copy) is counted once; the debug presets' folders
+    (a `debug` folder on the way down, as in multirun/debug/) are read only when given themselves."""
     runs, seen, identities = [], set(), {}
     for d in dirs:
         if not d.is_dir():
@@ -199,6 +200,8 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         for run_dir in sorted(candidates):
             key = run_dir.resolve()
             if key in seen or (run_dir / "multirun.yaml").is_file():
+                continue
+            if "debug" in run_dir.relative_to(d).parts[:-1]:  # debug=... runs (outputs/debug/): only when asked
                 continue
             seen.add(key)
             run = read_run(run_dir)
