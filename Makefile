@@ -36,7 +36,7 @@ train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 cop
 test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s); the end-to-end runs are make test-system
 	$(BIN)/python -m pytest -q -n 2 $(ARGS)
 
-test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile (about 2.5 min)
+test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile (about 3 min)
 	$(BIN)/python -m pytest -q -n 2 -m system -o addopts="-ra --strict-markers" $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h timeout per test)
