@@ -454,8 +454,9 @@ def _runs_below(sweep: Path) -> dict[Path, dict | None]:
 
 
 def plan_sweep(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[int, Path]:
-    """MULTIRUN, before the first job: the folder of each job; ConfigError before anything is written if two jobs
-    would share a folder or be the same run, or if a job's folder holds another run.
+    """MULTIRUN, before the first job: the folder of each job; one-line error before anything is written if two
+    jobs would share a folder, if a job's folder holds another run or a link, or if a run it continues was trained
+    on other data.
 
     A job continues the run of its identity wherever it is in the sweep folder (a relaunch with one more learning
     rate renumbers the jobs); only when such a run moved to another number is jobs.json written, which
