@@ -326,10 +326,7 @@ def record_identity(run_dir: Path, cfg: DictConfig, fingerprint: str) -> None:
         identity = {"settings": settings(cfg), "data": fingerprint, "cwd": os.getcwd()}
         write_atomic(run_dir / IDENTITY, (json.dumps(identity, indent=1, default=str) + "\n").encode())
         return
-    diff = differences(recorded_settings(run_dir) or {}, settings(cfg))
-    if diff:
-        raise RunFolderError(f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "
-                             f"a continuation may change only {ALLOWED}")
+    check_identity(run_dir, cfg)
     _check_data(run_dir, recorded, fingerprint)
 
 

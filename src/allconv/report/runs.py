@@ -183,8 +183,7 @@ def _identity(run_dir: Path) -> str | None:
     if not isinstance(recorded, dict) or not settings:  # older folders record no identity: never merged
         return None
     kept = {k: v for k, v in settings.items() if not run_folder.may_change(k)}
-    data = recorded.get("data") if isinstance(recorded, dict) else None
-    return json.dumps([kept, data], sort_keys=True, default=str)
+    return json.dumps([kept, recorded.get("data")], sort_keys=True, default=str)
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
