@@ -50,8 +50,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from allconv import models  # noqa: E402
 from allconv.data import CIFARDataModule  # noqa: E402
-from allconv.experiment import trainer_kwargs  # noqa: E402
 from allconv.module import AllConvModule  # noqa: E402
+from allconv.training import trainer_kwargs  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 # Dense TFLOP/s from NVIDIA datasheets: (bf16, tf32, fp32). Matched on the device name, first hit wins.

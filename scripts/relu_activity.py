@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from allconv import callbacks, experiment
+from allconv import callbacks, training
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EVERY = int(os.environ.get("ALLCONV_PROBE_EVERY", 20))
@@ -77,7 +77,7 @@ def main(overrides: list[str]) -> None:
         del cfg["hydra"]
     build = callbacks.build_callbacks
     callbacks.build_callbacks = lambda c, d: build(c, d) + [ReluActivity()]
-    experiment.train(cfg, run)
+    training.train(cfg, run)
 
 
 if __name__ == "__main__":

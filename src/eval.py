@@ -8,11 +8,11 @@ from allconv import cli
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from allconv import experiment
+    from allconv import training
 
-    result = cli.run(lambda: experiment.evaluate(cfg))
+    result = cli.run(lambda: training.evaluate(cfg))
     out = cli.run_dir() / "eval.json"
-    experiment.write_json(out, result)
+    training.write_json(out, result)
     print(f"{result['model']} on {result['data']}: test error {result['test_error']:.4f}  ->  {out}")
 
 

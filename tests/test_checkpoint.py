@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from allconv import checkpoint, experiment
+from allconv import checkpoint, training
 from allconv.errors import CheckpointError
 from allconv.module import AllConvModule
 from conftest import SRC, last_line, run_cli, write_npz
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
                                 "data.preprocess=standardize", "logger=none",
                                 "callbacks.guided_backprop.every_n_epochs=0"])
     run_dir = root / "run"
-    metrics = experiment.train(cfg, run_dir)
+    metrics = training.train(cfg, run_dir)
     return run_dir, metrics
 
 

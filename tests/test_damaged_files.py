@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from allconv import curves, faults
 from allconv import data as D
+from allconv import files, learning_curve
 from allconv import preprocessing as pp
 from allconv.csv_logger import CSVLogger
 from allconv.errors import CheckpointError
@@ -103,7 +103,7 @@ def test_a_resume_drops_malformed_log_rows_and_a_figure_that_cannot_be_written_i
     assert err.splitlines() == [
         f"warning: {log}: dropped 5 malformed rows (row 3: step='abc' is not a finite number); kept 2",
         f"warning: cannot write {png}: Is a directory (EISDIR); the run's result stands "
-        f"(python -m allconv.curves {interrupted} redraws it)"]
+        f"(python -m allconv.learning_curve {interrupted} redraws it)"]
     assert [row[header.index("step")] for row in _finite_rows(log)] == ["2", "3"]  # the epoch's row, the new test
     assert png.is_dir() and [p.name for p in interrupted.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -137,8 +137,8 @@ def test_read_epochs_and_plot_run_skip_what_is_not_a_finite_number(tmp_path):
     log.parent.mkdir()
     log.write_bytes(b"epoch,step,lr,train/loss\n0,9,0.05,2.0\nx,19,0.05,1.5\n1,19,abc,nan\n1.5,20,0.1,1.0\n"
                     b"2,29,1e999,\0\n-1,30,0.1,1.0\n3,39," + b"9" * 400 + b",0.5\n\xff,\xfe\n")
-    assert curves.read_epochs(log) == {"lr": {0: 0.05}, "train/loss": {0: 2.0, 3: 0.5}}
-    assert curves.plot_run(tmp_path) == tmp_path / "learning_curve.png"
+    assert learning_curve.read_epochs(log) == {"lr": {0: 0.05}, "train/loss": {0: 2.0, 3: 0.5}}
+    assert learning_curve.plot_run(tmp_path) == tmp_path / "learning_curve.png"
 
 
 @pytest.mark.timeout(120)  # before the fix: opening the FIFO waited for a writer for good
@@ -307,7 +307,7 @@ def test_a_write_removes_the_temporary_files_killed_writes_of_its_target_left(tm
     os.utime(other, (hour_ago, hour_ago))
     folder = tmp_path / ".metrics.json.f0ld3r__.tmp"
     folder.mkdir()
-    faults.write_atomic(target, b"{}\n")
+    files.write_atomic(target, b"{}\n")
     assert target.read_text() == "{}\n"
     assert not killed.exists() and not link.is_symlink() and elsewhere.read_text() == "keep me"
     assert live.read_text() == "writing" and other.exists() and folder.is_dir()
@@ -332,7 +332,7 @@ def test_lock_on_a_filesystem_without_locks_warns_once_per_path_and_goes_on(tmp_
     _lockless(monkeypatch, code)
     with open(path, "w") as f:
         for blocking in (True, False):
-            assert faults.lock(f.fileno(), path, blocking=blocking, guards="nothing is guarded") is False
+            assert files.lock(f.fileno(), path, blocking=blocking, guards="nothing is guarded") is False
     name = errno.errorcode[code]
     assert only_line(capsys.readouterr().err) == \
         f"warning: cannot lock {path}: {os.strerror(code)} ({name}); nothing is guarded"
@@ -341,12 +341,12 @@ def test_lock_on_a_filesystem_without_locks_warns_once_per_path_and_goes_on(tmp_
 def test_lock_held_by_another_open_file_is_blocking_io_error(tmp_path, monkeypatch, capsys):
     path = tmp_path / "x.lock"
     with open(path, "w") as mine, open(path, "w") as theirs:  # two open files: flock treats them as two holders
-        assert faults.lock(theirs.fileno(), path, blocking=False, guards="-") is True
+        assert files.lock(theirs.fileno(), path, blocking=False, guards="-") is True
         with pytest.raises(BlockingIOError):
-            faults.lock(mine.fileno(), path, blocking=False, guards="-")
+            files.lock(mine.fileno(), path, blocking=False, guards="-")
         _lockless(monkeypatch, errno.EIO)  # a lock that failed, not a filesystem without locks: not a warning
         with pytest.raises(OSError) as e:
-            faults.lock(mine.fileno(), path, blocking=True, guards="-")
+            files.lock(mine.fileno(), path, blocking=True, guards="-")
     assert e.value.errno == errno.EIO and capsys.readouterr().err == ""
 
 
@@ -364,7 +364,7 @@ def test_zca_cache_without_locks_is_fitted_and_written_with_one_warning(tmp_path
 def test_a_run_whose_zca_cache_cannot_be_locked_trains_on_with_one_warning(run_entry, tmp_path, monkeypatch):
     data = write_npz(tmp_path / "data.npz", n_train=48, n_test=20)  # the suite's common tiny data: one ZCA fit
     _lockless(monkeypatch, errno.ENOLCK, only=lambda path: path.endswith(".lock"))  # the cache's filesystem only
-    monkeypatch.setattr(faults, "_warned_lockless", set())
+    monkeypatch.setattr(files, "_warned_lockless", set())
     code, out, err = run_entry(*TINY, "data=npz", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 0, err[-3000:]
     cache = re.escape(os.environ["ALLCONV_CACHE"])

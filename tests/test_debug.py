@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from allconv import callbacks as C
-from allconv import experiment, schema
+from allconv import schema, training
 from allconv.resume import expand_argv
 from conftest import CONF, write_npz
 
@@ -129,7 +129,7 @@ def test_debug_limit_trains_a_fraction_of_the_batches_for_three_epochs(tmp_path,
                                                                         one_thread):
     npz = write_npz(tmp_path / "data.npz", n_train=320, n_test=40)
     cfg = composed("debug=limit", *tiny(npz, "data.batch_size=8", "data.eval_batch_size=4", *QUIET))
-    metrics = experiment.train(cfg, tmp_path / "run")
+    metrics = training.train(cfg, tmp_path / "run")
     per_epoch = [sum(1 for e, _ in batches.train if e == epoch) for epoch in range(3)]
     assert per_epoch == [2, 2, 2] and batches.epochs == 3  # 5% of 40 batches, 3 epochs
     assert batches.test == [0]  # 10% of 10 test batches
@@ -142,7 +142,7 @@ def test_debug_overfit_drives_the_loss_of_three_batches_toward_zero(tmp_path, sh
     epoch (new batches every time) would leave it high. The preset as it is (200 epochs), on 3 batches of 4."""
     npz = write_npz(tmp_path / "data.npz", n_train=40, n_test=16)
     cfg = composed("debug=overfit", *tiny(npz, "data.batch_size=4", "data.eval_batch_size=16", *QUIET))
-    experiment.train(cfg, tmp_path / "run")
+    training.train(cfg, tmp_path / "run")
     first = [x for e, x in batches.train if e == 0]
     last = [x for e, x in batches.train if e == batches.epochs - 1]
     assert len(first) == len(last) == 3 and all((a == b).all() for a, b in zip(first, last, strict=True))
@@ -156,7 +156,7 @@ def test_debug_profiler_writes_its_table_into_the_run_folder(tmp_path, shared_ca
     npz = write_npz(tmp_path / "data.npz", n_train=32, n_test=16)
     cfg = composed("debug=profiler", *tiny(npz, "data.batch_size=16", "data.eval_batch_size=16", *QUIET))
     run_dir = tmp_path / "run"
-    experiment.train(cfg, run_dir)
+    training.train(cfg, run_dir)
     fit = (run_dir / "fit-profiler.txt").read_text()
     assert fit.startswith("FIT Profiler Report") and "run_training_epoch" in fit and "training_step" in fit
     assert "TEST Profiler Report" in (run_dir / "test-profiler.txt").read_text()

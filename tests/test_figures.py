@@ -30,7 +30,7 @@ def compose(*overrides: str, config_name: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_cache_dir) -> Path:
     """One tiny All-CNN-C run (width 0.125, 1 epoch, GCN + ZCA): its checkpoint path."""
-    from allconv import experiment
+    from allconv import training
 
     tmp = tmp_path_factory.mktemp("trained")
     data = write_npz(tmp / "data.npz", n_train=64, n_test=12)
@@ -38,7 +38,7 @@ def trained(tmp_path_factory, shared_cache_dir) -> Path:
                   "trainer.max_epochs=1", "data.batch_size=32", "logger=none", "callbacks.progress_bar=none",
                   "trainer.enable_progress_bar=false",
                   "callbacks.guided_backprop.every_n_epochs=0", config_name="train")
-    experiment.train(cfg, tmp / "run")
+    training.train(cfg, tmp / "run")
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -112,7 +112,7 @@ def test_filters_of_a_5x5_first_layer_and_a_1x1_second():
 
 # -- whitening --------------------------------------------------------------------------------------
 def test_whitening_shows_the_images_and_the_runs_own_zca(trained):
-    from allconv import checkpoint, experiment
+    from allconv import checkpoint, training
 
     out, paths = visualize_run.render(viz_cfg(trained, "viz.figure=whitening", "viz.num_images=4"))
     assert [p.name for p in paths] == ["whitening.png"] and out.name == "whitening"
@@ -121,7 +121,7 @@ def test_whitening_shows_the_images_and_the_runs_own_zca(trained):
     assert (image.shape[1], image.shape[0]) == grid_size(5 * cols, tile, cols, pad)
 
     run_cfg, _ = checkpoint.load(trained)
-    dm = experiment.build_datamodule(run_cfg)
+    dm = training.build_datamodule(run_cfg)
     dm.setup("test")  # the run's own whitening (from the shared ZCA cache)
     idx = torch.linspace(0, len(dm.raw_test) - 1, 4).long()
     for j, i in enumerate(idx.tolist()):  # row 0: the test images as they are

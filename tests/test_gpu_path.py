@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from allconv import experiment
+from allconv import training
 from allconv.lightning_private import HydraJobDDPStrategy
 from conftest import TINY, only_line, write_npz
 
@@ -24,20 +24,20 @@ def cuda_available(monkeypatch):
 
 
 def test_trainer_settings_resolved_for_cuda(compose_cfg, cuda_available):
-    t = experiment.trainer_kwargs(compose_cfg())  # the default: accelerator auto, precision auto, benchmark auto
+    t = training.trainer_kwargs(compose_cfg())  # the default: accelerator auto, precision auto, benchmark auto
     assert (t["accelerator"], t["precision"], t["benchmark"]) == ("auto", "bf16-mixed", True)
-    gpu = experiment.trainer_kwargs(compose_cfg("trainer=gpu"))
+    gpu = training.trainer_kwargs(compose_cfg("trainer=gpu"))
     assert (gpu["accelerator"], gpu["precision"], gpu["benchmark"]) == ("gpu", "bf16-mixed", True)
-    ddp = experiment.trainer_kwargs(compose_cfg("trainer=ddp"))
+    ddp = training.trainer_kwargs(compose_cfg("trainer=ddp"))
     assert isinstance(ddp["strategy"], HydraJobDDPStrategy)
     assert (ddp["devices"], ddp["precision"], ddp["benchmark"]) == ("auto", "bf16-mixed", True)
-    cpu = experiment.trainer_kwargs(compose_cfg("trainer=cpu"))  # asked for the CPU: fp32, no cuDNN
+    cpu = training.trainer_kwargs(compose_cfg("trainer=cpu"))  # asked for the CPU: fp32, no cuDNN
     assert (cpu["accelerator"], cpu["precision"], cpu["benchmark"]) == ("cpu", "32-true", False)
 
 
 def test_trainer_settings_without_cuda(compose_cfg, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    t = experiment.trainer_kwargs(compose_cfg())
+    t = training.trainer_kwargs(compose_cfg())
     assert (t["precision"], t["benchmark"]) == ("32-true", False)
     assert t["limit_val_batches"] == 0  # no split, no validation loop (the paper's protocol)
 
@@ -62,10 +62,10 @@ def test_bf16_autocast_reaches_the_network(compose_cfg, tmp_path):
     cfg = compose_cfg(*TINY, "data=npz", f"data.path={data}", "data.preprocess=standardize", "logger=none",
                       "trainer.precision=bf16-mixed", "+trainer.max_steps=2", "callbacks.checkpoint.every_n_epochs=0")
     L.seed_everything(0, verbose=False)
-    module = experiment.build_module(cfg)
+    module = training.build_module(cfg)
     probe = DtypeProbe()
-    trainer = experiment.build_trainer(cfg, tmp_path / "run", [probe], False)
-    dm = experiment.build_datamodule(cfg)
+    trainer = training.build_trainer(cfg, tmp_path / "run", [probe], False)
+    dm = training.build_datamodule(cfg)
     trainer.fit(module, datamodule=dm)
     trainer.test(module, datamodule=dm, verbose=False)
     assert probe.seen == {"train": {torch.bfloat16}, "test": {torch.bfloat16}, "loss": {torch.float32}}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from allconv import launchers
+from allconv import local_parallel
 from conftest import CONF, last_line, run_cli, write_npz
 
 TINY = ["data=npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=2", "data.batch_size=32",
@@ -29,35 +29,35 @@ TINY = ["data=npz", "data.preprocess=standardize", "model.width=0.125", "trainer
     (4, 16, 8, (8, 2)),      # an explicit n_jobs wins: 2 jobs per GPU
 ])
 def test_plan(n_gpus, n_cpus, n_jobs, expected):
-    p = launchers.plan(n_gpus, n_cpus, n_jobs)
+    p = local_parallel.plan(n_gpus, n_cpus, n_jobs)
     assert (p.n_jobs, p.threads_per_job) == expected
 
 
 def test_each_slot_its_own_gpu_with_a_mocked_device_count(monkeypatch):
-    monkeypatch.setattr(launchers, "_gpu_count", lambda: 8)
-    devices = launchers.visible_devices(env={})
+    monkeypatch.setattr(local_parallel, "_gpu_count", lambda: 8)
+    devices = local_parallel.visible_devices(env={})
     assert devices == [str(k) for k in range(8)]
-    assert [launchers.device_for_slot(k, devices) for k in range(8)] == devices  # never all on GPU 0
-    assert launchers.visible_devices(env={"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
-    assert [launchers.device_for_slot(k, ["3", "5"]) for k in range(4)] == ["3", "5", "3", "5"]
-    assert launchers.device_for_slot(0, []) is None  # no GPU: nothing to pin
+    assert [local_parallel.device_for_slot(k, devices) for k in range(8)] == devices  # never all on GPU 0
+    assert local_parallel.visible_devices(env={"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert [local_parallel.device_for_slot(k, ["3", "5"]) for k in range(4)] == ["3", "5", "3", "5"]
+    assert local_parallel.device_for_slot(0, []) is None  # no GPU: nothing to pin
     # the launcher's n_jobs, as Hydra resolves it from conf/hydra/launcher/local_parallel.yaml
     cfg = OmegaConf.load(CONF / "hydra" / "launcher" / "local_parallel.yaml")
     assert cfg.launcher.n_jobs == 8
-    monkeypatch.setattr(launchers, "_gpu_count", lambda: 0)
-    assert cfg.launcher.n_jobs == launchers.CPU_JOBS == 2
+    monkeypatch.setattr(local_parallel, "_gpu_count", lambda: 0)
+    assert cfg.launcher.n_jobs == local_parallel.CPU_JOBS == 2
 
 
 def _claim(folder, queue):
-    launchers._slot = None  # a loky worker starts with no slot; a forked test child inherits the parent's
-    queue.put(launchers.claim_slot(Path(folder), 2, timeout_s=5))
+    local_parallel._slot = None  # a loky worker starts with no slot; a forked test child inherits the parent's
+    queue.put(local_parallel.claim_slot(Path(folder), 2, timeout_s=5))
 
 
 def test_worker_processes_claim_distinct_slots(tmp_path, monkeypatch):
-    monkeypatch.setattr(launchers, "_slot", None)
+    monkeypatch.setattr(local_parallel, "_slot", None)
     folder = tmp_path / "slots"
-    assert launchers.claim_slot(folder, 2) == 0
-    assert launchers.claim_slot(folder, 2) == 0  # the same process keeps its slot
+    assert local_parallel.claim_slot(folder, 2) == 0
+    assert local_parallel.claim_slot(folder, 2) == 0  # the same process keeps its slot
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     for _ in range(2):  # one after the other: each child gets slot 1, freed when the previous child exited
@@ -65,7 +65,7 @@ def test_worker_processes_claim_distinct_slots(tmp_path, monkeypatch):
         child.start()
         child.join(10)
         assert queue.get(timeout=5) == 1
-    os.close(launchers._slot[1])
+    os.close(local_parallel._slot[1])
 
 
 # -- the launchers, end to end ------------------------------------------------------------------------
@@ -127,9 +127,9 @@ def test_a_single_run_is_left_alone(tmp_path, monkeypatch):
     from hydra.types import RunMode
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(launchers, "_slot", None)
+    monkeypatch.setattr(local_parallel, "_slot", None)
     cfg = OmegaConf.create({"hydra": {"mode": RunMode.RUN, "sweep": {"dir": str(tmp_path / "sweep")},
                                       "launcher": {"n_jobs": 2}, "job": {"num": 0}}})
-    launchers.LocalParallel().on_job_start(config=cfg)
-    assert not (tmp_path / "sweep").exists() and launchers._slot is None
+    local_parallel.LocalParallel().on_job_start(config=cfg)
+    assert not (tmp_path / "sweep").exists() and local_parallel._slot is None
     assert "CUDA_VISIBLE_DEVICES" not in os.environ

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from allconv import experiment
+from allconv import training
 from conftest import CONF, only_line, run_cli, write_npz
 
 QUIET = ["callbacks.progress_bar=none", "trainer.enable_progress_bar=false", "print_config=false",
@@ -65,7 +65,7 @@ def assert_same(tensorboard: dict, table: dict) -> None:
 
 def test_tensorboard_event_file_holds_the_scalars_of_the_csv_log(npz, tmp_path):
     run_dir = tmp_path / "run"
-    experiment.train(composed(*overrides(npz, "logger=tensorboard", "trainer.max_epochs=2")), run_dir)
+    training.train(composed(*overrides(npz, "logger=tensorboard", "trainer.max_epochs=2")), run_dir)
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(("tensorboard", "lightning_logs"))] == \
         ["tensorboard"]
     scalars = tensorboard_scalars(run_dir / "tensorboard")
@@ -79,12 +79,12 @@ def test_many_loggers_each_get_the_same_metrics(npz, tmp_path, monkeypatch):
     """csv, W&B (disabled here: no W&B process; the offline run is the system test below) and TensorBoard."""
     run_dir = tmp_path / "run"
     cfg = composed(*overrides(npz, "logger=many", "logger.mode=disabled", "trainer.max_epochs=1"))
-    loggers = experiment.build_logger(cfg, run_dir)
+    loggers = training.build_logger(cfg, run_dir)
     assert [type(lg).__name__ for lg in loggers] == ["RunLogger", "TensorBoardLogger"]  # W&B first: it is closed
-    assert [type(lg).__name__ for lg in experiment.build_logger(
+    assert [type(lg).__name__ for lg in training.build_logger(
         composed(*overrides(npz, "logger=many", "logger.loggers=[tensorboard,csv]")), run_dir)] == \
         ["CSVLogger", "TensorBoardLogger"]
-    experiment.train(cfg, run_dir)
+    training.train(cfg, run_dir)
     assert_same(tensorboard_scalars(run_dir / "tensorboard"), csv_scalars(run_dir))
 
 
@@ -94,7 +94,7 @@ def test_resumed_run_continues_the_same_tensorboard_run(npz, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(npz, "logger=many", "logger.mode=disabled", "trainer.max_epochs=3",
                      "callbacks.checkpoint.every_n_epochs=2")
-    experiment.train(composed(*args), run_dir)
+    training.train(composed(*args), run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True)["epoch"] == 1
     (run_dir / "metrics.json").unlink()
@@ -102,7 +102,7 @@ def test_resumed_run_continues_the_same_tensorboard_run(npz, tmp_path):
     first_files = set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert [s for s, _ in first["train/loss"]] == [1, 3, 5]  # 2 batches an epoch: logged at its last step
 
-    experiment.train(composed(*args, f"ckpt_path={ckpt}"), run_dir)
+    training.train(composed(*args, f"ckpt_path={ckpt}"), run_dir)
     assert sorted(p.name for p in (run_dir / "tensorboard").iterdir() if p.is_dir()) == []  # no version_N
     assert set((run_dir / "tensorboard").glob("events.out.tfevents.*")) > first_files  # added beside the first's
     scalars = tensorboard_scalars(run_dir / "tensorboard")

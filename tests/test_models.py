@@ -333,10 +333,10 @@ def test_pool_gain_brings_the_class_layer_input_to_the_scale_of_the_pool_free_ne
 
 
 def test_pool_gain_is_on_by_default(compose_cfg):
-    from allconv import experiment
+    from allconv import training
 
     cfg = compose_cfg("model=model_a")
-    assert cfg.model.pool_gain is True and experiment.net_kwargs(cfg)["pool_gain"] is True
+    assert cfg.model.pool_gain is True and training.net_kwargs(cfg)["pool_gain"] is True
 
 
 @pytest.mark.parametrize("family, variant", [("a", "convpool"), ("c", "allcnn")])
@@ -357,6 +357,6 @@ def test_final_weights_zero_starts_every_class_map_at_the_final_bias(family, var
 
 
 def test_final_weights_zero_is_the_default(compose_cfg):
-    from allconv import experiment
+    from allconv import training
 
-    assert experiment.net_kwargs(compose_cfg())["final_weights"] == "zero"
+    assert training.net_kwargs(compose_cfg())["final_weights"] == "zero"

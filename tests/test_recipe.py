@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from allconv import experiment
+from allconv import training
 
 PAPER_LR = 0.05  # the default of the four rates the paper chooses from
 # epoch -> learning rate in force during that epoch: x0.1 after epochs 200, 250 and 300 of 350.
@@ -35,7 +35,7 @@ def default_cfg():
 @pytest.fixture(scope="module")
 def default_module(default_cfg):
     L.seed_everything(0, verbose=False)
-    return experiment.build_module(default_cfg)
+    return training.build_module(default_cfg)
 
 
 def convs(net: nn.Module) -> list[nn.Conv2d]:

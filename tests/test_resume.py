@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from allconv.resume import FitClock, ResumeError, expand_argv
+from allconv.callbacks import FitClock
+from allconv.resume import ResumeError, expand_argv
 from conftest import PYTHON, TRAIN_PY, run_cli, write_npz
 
 EPOCHS = 3

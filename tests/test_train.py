@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from allconv import callbacks as C
-from allconv import experiment, models
+from allconv import models, training
 from conftest import last_line, write_npz
 
 OPTIONS = [models.config_name(f, v) for f, v in models.all_networks()]
@@ -34,9 +34,9 @@ def test_every_model_option_composes_and_runs_fast_dev_run(compose_cfg, tiny_npz
                                       "trainer.fast_dev_run=true", "logger=none"))
     family, variant = next((f, v) for f, v in models.all_networks() if models.config_name(f, v) == option)
     assert (cfg.model.family, cfg.model.variant) == (family, variant)
-    net = experiment.build_module(cfg).net
+    net = training.build_module(cfg).net
     assert models.count_params(net) == models.count_params(models.build(family, variant, width=0.125))
-    metrics = experiment.train(cfg, tmp_path / "run")
+    metrics = training.train(cfg, tmp_path / "run")
     assert metrics["model"] == option
     assert 0.0 <= metrics["test_error"] <= 1.0
     assert "val_error" not in metrics  # no split (data.val_size=0), no validation error
@@ -66,12 +66,12 @@ def test_variant_override_on_a_model_option(compose_cfg, tiny_npz, shared_cache_
     cfg = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model=all_cnn_c", "model/variant=strided",
                                       "model.width=1.0"))
     assert (cfg.model.family, cfg.model.variant) == ("c", "strided")
-    net = experiment.build_module(cfg).net
+    net = training.build_module(cfg).net
     assert models.count_params(net) == 954_730  # Strided-CNN-C
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
     cfg100 = compose_cfg("data=cifar100", "model=model_a")
     assert cfg100.data.num_classes == 100
-    assert experiment.build_module(cfg100).net(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+    assert training.build_module(cfg100).net(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
 
 
 def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
@@ -100,7 +100,7 @@ def test_cli_run_writes_metrics_json(run_train, tmp_path, tiny_npz):
 def _train_once(compose_cfg, npz, cache, run_dir, seed):
     cfg = compose_cfg(*base_overrides(npz, cache, "model=all_cnn_a", "data.preprocess=standardize",
                                       "trainer.max_epochs=1", "logger=none", f"seed={seed}", "data.augment=true"))
-    metrics = experiment.train(cfg, run_dir)
+    metrics = training.train(cfg, run_dir)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     return metrics, state
 
@@ -133,7 +133,7 @@ def test_non_finite_loss_stops_and_last_good_checkpoint_stays(compose_cfg, tiny_
                                       "trainer.max_epochs=3", "logger=none", "data.batch_size=8"))
     run_dir = tmp_path / "run"
     with pytest.raises(C.NonFiniteLossError) as e:
-        experiment.train(cfg, run_dir)
+        training.train(cfg, run_dir)
     msg = str(e.value)
     assert "\n" not in msg
     assert "epoch 1" in msg and "step 2" in msg
@@ -142,7 +142,7 @@ def test_non_finite_loss_stops_and_last_good_checkpoint_stays(compose_cfg, tiny_
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["epoch"] == 0  # written after the good epoch, not after the bad one
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
-    net = experiment.build_module(cfg).net
+    net = training.build_module(cfg).net
     net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
     assert torch.isfinite(net.eval()(torch.zeros(2, 3, 32, 32))).all()
     assert not (run_dir / "metrics.json").exists()  # only a finished fit writes it (the CLI records the failure)
@@ -191,11 +191,11 @@ def test_update_cap_follows_the_learning_rate_past_a_milestone(compose_cfg, tiny
                                       "data.preprocess=none", "logger=csv", "callbacks.checkpoint.every_n_epochs=0",
                                       "callbacks.guided_backprop.every_n_epochs=0"))
     L.seed_everything(0)
-    module = experiment.build_module(cfg)
+    module = training.build_module(cfg)
     sizes = StepSizes()
-    trainer = experiment.build_trainer(cfg, tmp_path, [sizes], experiment.build_logger(cfg, tmp_path))
+    trainer = training.build_trainer(cfg, tmp_path, [sizes], training.build_logger(cfg, tmp_path))
     assert trainer.gradient_clip_val is None  # the cap is the module's, per step, not a fixed Trainer clip
-    trainer.fit(module, datamodule=experiment.build_datamodule(cfg))
+    trainer.fit(module, datamodule=training.build_datamodule(cfg))
     trainer.logger.save()
     by_epoch = {e: [s for ep, s in sizes.steps if ep == e] for e in (0, 1)}
     assert by_epoch[0] and by_epoch[1]
@@ -212,11 +212,11 @@ def test_update_cap_follows_the_learning_rate_past_a_milestone(compose_cfg, tiny
 
 def test_update_cap_off_and_bad_values(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
     off = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=null", "logger=none"))
-    assert experiment.build_module(off).max_update_norm is None
+    assert training.build_module(off).max_update_norm is None
     on = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "logger=none"))
-    assert experiment.build_module(on).max_update_norm == 0.125  # the default
-    with pytest.raises(experiment.ConfigError, match="max_update_norm"):
-        experiment.check(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
+    assert training.build_module(on).max_update_norm == 0.125  # the default
+    with pytest.raises(training.ConfigError, match="max_update_norm"):
+        training.check(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
 
 
 def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):
@@ -228,10 +228,10 @@ def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cach
                                           "callbacks.checkpoint.every_n_epochs=0",
                                           "callbacks.guided_backprop.every_n_epochs=0"))
         L.seed_everything(0)
-        module = experiment.build_module(cfg)
+        module = training.build_module(cfg)
         before = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
-        trainer = experiment.build_trainer(cfg, tmp_path / str(cap), [], False)
-        trainer.fit(module, datamodule=experiment.build_datamodule(cfg))
+        trainer = training.build_trainer(cfg, tmp_path / str(cap), [], False)
+        trainer.fit(module, datamodule=training.build_datamodule(cfg))
         return (torch.cat([p.detach().flatten() for p in module.net.parameters()]) - before).norm().item()
 
     unclipped = first_step("null")
@@ -243,8 +243,8 @@ def test_derived_settings_come_from_the_composed_config(compose_cfg, tiny_npz, s
     """A compiled network sees one batch shape (drop_last follows model.compile); no split, no validation loop."""
     plain = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir))
     compiled = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "model.compile=true"))
-    assert experiment.build_datamodule(plain).drop_last is False
-    assert experiment.build_datamodule(compiled).drop_last is True
-    assert experiment.trainer_kwargs(plain)["limit_val_batches"] == 0
+    assert training.build_datamodule(plain).drop_last is False
+    assert training.build_datamodule(compiled).drop_last is True
+    assert training.trainer_kwargs(plain)["limit_val_batches"] == 0
     split = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "data.val_size=8"))
-    assert "limit_val_batches" not in experiment.trainer_kwargs(split)
+    assert "limit_val_batches" not in training.trainer_kwargs(split)

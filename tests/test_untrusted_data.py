@@ -19,7 +19,7 @@ from allconv import data as D
 from allconv import preprocessing as pp
 from allconv import safe_pickle
 from conftest import TINY, only_line, run_cli, write_npz, write_official
-from test_faults import Disk
+from test_files import Disk
 
 # -- pickles that would run code -----------------------------------------------------------------------------
 

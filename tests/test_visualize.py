@@ -294,12 +294,12 @@ def test_callback_logs_to_wandb_and_tensorboard(tmp_path):
 
 
 def test_callback_layer_is_checked_before_training(compose_cfg, tmp_path):
-    """The run's pre-flight check (experiment.check, on the meta device) rejects the callback's bad layer."""
-    from allconv import experiment
+    """The run's pre-flight check (training.check, on the meta device) rejects the callback's bad layer."""
+    from allconv import training
     from allconv.errors import ConfigError
     from conftest import write_npz
 
     npz = write_npz(tmp_path / "d.npz")
     cfg = compose_cfg("data=npz", f"data.path={npz}", "callbacks.guided_backprop.layer=nope")
     with pytest.raises(ConfigError, match="callbacks.guided_backprop: unknown layer 'nope'"):
-        experiment.check(cfg)
+        training.check(cfg)

@@ -134,7 +134,7 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from allconv import experiment
+    from allconv import training
 
     spec = yaml.safe_load((CONF / "sweep" / "paper_grid.yaml").read_text())
     assert spec["method"] == "grid" and spec["program"] == "src/train.py"
@@ -155,7 +155,7 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
             assert re.fullmatch(folder, cfg.hydra.run.dir), cfg.hydra.run.dir
             HydraConfig.instance().cfg = None
             del cfg.hydra
-            experiment.check_config(cfg)  # the values of every run are valid, not only composable
+            training.check_config(cfg)  # the values of every run are valid, not only composable
             assert env["WANDB_SWEEP_ID"] == "sweep0" and env["WANDB_RUN_ID"].startswith("run")
 
 

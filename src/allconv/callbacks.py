@@ -9,6 +9,7 @@ with a WriteError naming the file, and the previous checkpoint stays whole.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -43,8 +45,9 @@ def _duration(seconds: float) -> str:
 
 
 # SIGTERM: a scheduler's stop (SLURM's preemption, `scontrol requeue`, the time limit); SIGINT: Ctrl+C; SIGUSR2:
-# submitit's time-limit/preemption signal (launchers.SlurmLauncher then lets submitit requeue the job); SIGUSR1:
-# Lightning's SLURM requeue signal, whose own handler saves from inside a step (see Preemption.setup).
+# submitit's time-limit/preemption signal (hydra_plugins.allconv_launchers' SlurmLauncher then lets submitit
+# requeue the job); SIGUSR1: Lightning's SLURM requeue signal, whose own handler saves from inside a step
+# (see Preemption.setup).
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -142,7 +145,7 @@ class Preemption(L.Callback):
     def state_dict(self) -> dict:
         """Every rank's RNG states, so a run resumed mid-epoch draws the dropout masks it would have drawn.
 
-        At epoch starts resume.EpochSeed reseeds; within an epoch only this saved state can. Called on
+        At epoch starts EpochSeed reseeds; within an epoch only this saved state can. Called on
         every rank while a checkpoint is made (rank 0 writes it), so under DDP the states are gathered.
         """
         import torch
@@ -276,6 +279,40 @@ class CostEstimate(L.Callback):
                           f"trains All-CNN-C here in minutes")
         if trainer.is_global_zero:
             print(self.line, flush=True)
+
+
+class EpochSeed(L.Callback):
+    """Reseed the global RNG at each epoch start from (seed, epoch, rank), so a resumed epoch repeats exactly."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank) % 2**63)
+
+
+class FitClock(L.Callback):
+    """The run's training time summed over its launches: saved in each checkpoint, so a resumed run's
+    wall_time_s is that of the whole run, not of its last launch. Work lost to an interruption (the epoch
+    after the last checkpoint, redone by the resume) is not counted."""
+
+    def __init__(self):
+        self.before = 0.0  # the launches before this one, from the checkpoint
+        self.start = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        elapsed = state_dict.get("elapsed_s")  # from a checkpoint that may come from elsewhere: a number or nothing
+        ok = isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and math.isfinite(elapsed)
+        self.before = float(elapsed) if ok and elapsed >= 0 else 0.0
 
 
 def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from allconv.errors import CheckpointError
-from allconv.faults import file_kind, reason
+from allconv.files import file_kind, reason
 from allconv.module import AllConvModule
 
 # The saved data keys that decide which images are tested and how they are preprocessed (the ZCA is fit

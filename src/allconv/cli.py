@@ -256,7 +256,7 @@ def is_multirun() -> bool:
 
 def train_job(cfg: DictConfig) -> float | None:
     """One training job: the single place where its failures become a line, an exit status, a record."""
-    from allconv import experiment, models
+    from allconv import models, training
     from allconv.callbacks import interrupted_as_error
 
     if cfg.print_config:
@@ -282,7 +282,7 @@ def train_job(cfg: DictConfig) -> float | None:
             if plan.action == "resume":
                 cfg.ckpt_path = plan.ckpt_path
         with interrupted_as_error():  # Lightning's SIGTERMException (exit 0) -> Interrupted (exit 128+signum)
-            metrics = experiment.train(cfg, out)
+            metrics = training.train(cfg, out)
     except RunFolderError as e:  # a folder this command may not continue: its record stays as it was
         if is_multirun():
             print(f"error: {e}", file=sys.stderr)
@@ -296,7 +296,7 @@ def train_job(cfg: DictConfig) -> float | None:
                   "lr": cfg.optim.lr, "seed": cfg.seed}
         try:
             if run_folder.finished_metrics(out) is None:  # a finished result is never replaced by a later failure
-                experiment.write_json(out / "metrics.json", record)
+                training.write_json(out / "metrics.json", record)
         except OSError:
             pass  # the folder itself is what failed; the line below says why
         if is_multirun() and status != "interrupted":  # the sweep goes on; the report lists the failed run

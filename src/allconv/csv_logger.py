@@ -1,4 +1,4 @@
-"""Lightning's CSVLogger, its files (csv/metrics.csv, csv/hparams.yaml) written whole through faults.write_atomic.
+"""Lightning's CSVLogger, its files (csv/metrics.csv, csv/hparams.yaml) written whole through files.write_atomic.
 
 A refused write is a WriteError naming the file; the rows it could not write are written by the
 next save. A resumed run continues its metrics.csv: Lightning's writer deletes the file when it
@@ -20,9 +20,9 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from allconv.curves import csv_lines, finite
 from allconv.errors import WriteError
-from allconv.faults import NotRegularFile, reason, write_atomic, write_error
+from allconv.files import NotRegularFile, reason, write_atomic, write_error
+from allconv.learning_curve import csv_lines, finite
 
 
 def _read_rows(path: str) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 from allconv import preprocessing as pp
 from allconv import safe_pickle
 from allconv.errors import DataError
-from allconv.faults import file_kind
+from allconv.files import file_kind
 
 OFFICIAL = {
     # name: (folder, train files, test files, label key, meta file, meta key, classes)

@@ -7,7 +7,7 @@ instead: its own overrides, its own output folder, in run mode. Under SLURM or t
 are started by the cluster and none of this is used.
 
 rank_summary() all-gathers, after fit, each rank's weight checksum and whether it fitted the ZCA
-or loaded it from the cache; experiment.train records it in metrics.json, so a run shows that its
+or loaded it from the cache; training.train records it in metrics.json, so a run shows that its
 ranks ended with identical weights and that the whitening was fitted once.
 """
 

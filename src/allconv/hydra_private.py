@@ -3,7 +3,7 @@
 Hydra writes a job's `.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` (hydra.core.utils._save_config,
 called by run_job) and the sweep's `multirun.yaml` (the basic sweeper's OmegaConf.save) with open(path, "w"):
 through a symbolic link (a resumed run truncated a file outside its folder) and in place (a kill leaves half a
-file, which the next relaunch reads as the run's config). install() makes both go through faults.write_atomic:
+file, which the next relaunch reads as the run's config). install() makes both go through files.write_atomic:
 the whole file or nothing, a link at the name replaced, never followed; a `.hydra` folder that is a link is
 replaced by a real folder (the folder it pointed to is left as it was). Called when allconv.cli is imported,
 which every process that runs a job does (the entry points; a launcher's worker unpickling the pre-flight
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def _save_config(cfg: DictConfig, filename: str, output_dir: Path) -> None:
-    from allconv.faults import write_atomic
+    from allconv.files import write_atomic
 
     output_dir = Path(output_dir)
     if output_dir.is_symlink():
@@ -37,7 +37,7 @@ class _SweeperOmegaConf:
 
     @staticmethod
     def save(config, f, resolve: bool = False) -> None:
-        from allconv.faults import write_atomic
+        from allconv.files import write_atomic
 
         write_atomic(Path(f), OmegaConf.to_yaml(config, resolve=resolve).encode())
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from allconv.errors import WriteError
-from allconv.faults import NotRegularFile, lock, read_regular, torch_bytes, write_atomic
+from allconv.files import NotRegularFile, lock, read_regular, torch_bytes, write_atomic
 
 CACHE_VERSION = 1
 
@@ -109,7 +109,7 @@ def fingerprint(*arrays: np.ndarray, **params) -> str:
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive lock next to path; without one when the folder cannot hold the lock file (read-only) or its
-    filesystem has no locks (one warning line, faults.lock)."""
+    filesystem has no locks (one warning line, files.lock)."""
     lock_path = path.with_suffix(".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def _locked(path: Path):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save as a whole file (faults.write_atomic): readers see old or new, never half; WriteError if refused."""
+    """torch.save as a whole file (files.write_atomic): readers see old or new, never half; WriteError if refused."""
     write_atomic(path, torch_bytes(obj))
 
 

@@ -25,24 +25,19 @@ which the pre-flight applies to the composed config of this command, as it does 
 refused resume leaves the folder as it was; run_folder.hold() then keeps a second resume of the same run out.
 
 Lightning's checkpoint restores weights, optimiser, schedule and loop counters but not the random
-state, so EpochSeed reseeds the global RNG (dropout) at the start of every epoch from (seed,
+state, so callbacks.EpochSeed reseeds the global RNG (dropout) at the start of every epoch from (seed,
 epoch, rank): a resumed run then draws what the uninterrupted run would have drawn, and ends with
 the same weights. The data order is already a function of (seed, epoch) (data.DeviceLoader).
-FitClock carries the training time in the checkpoint, so metrics.json's wall_time_s is the run's, over all
+callbacks.FitClock carries the training time in the checkpoint, so metrics.json's wall_time_s is the run's, over all
 its launches.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import time
 from functools import cache
 from pathlib import Path
-
-import lightning as L
-import torch
 
 from allconv.errors import ResumeError
 
@@ -189,37 +184,3 @@ def _data_path(run: Path) -> str | None:
             or cwd is None:
         return None
     return str(cwd / path)
-
-
-class EpochSeed(L.Callback):
-    """Reseed the global RNG at each epoch start from (seed, epoch, rank), so a resumed epoch repeats exactly."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        torch.manual_seed((self.seed * 1_000_003 + trainer.current_epoch * 1_009 + trainer.global_rank) % 2**63)
-
-
-class FitClock(L.Callback):
-    """The run's training time summed over its launches: saved in each checkpoint, so a resumed run's
-    wall_time_s is that of the whole run, not of its last launch. Work lost to an interruption (the epoch
-    after the last checkpoint, redone by the resume) is not counted."""
-
-    def __init__(self):
-        self.before = 0.0  # the launches before this one, from the checkpoint
-        self.start = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
-
-    def state_dict(self) -> dict:
-        return {"elapsed_s": self.elapsed()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        elapsed = state_dict.get("elapsed_s")  # from a checkpoint that may come from elsewhere: a number or nothing
-        ok = isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and math.isfinite(elapsed)
-        self.before = float(elapsed) if ok and elapsed >= 0 else 0.0

@@ -40,7 +40,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from allconv.errors import ConfigError, ResumeError, RunFolderError
-from allconv.faults import NotRegularFile, file_kind, lock, read_regular, reason
+from allconv.files import NotRegularFile, file_kind, lock, read_regular, reason
 
 HYDRA = ".hydra"
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -72,7 +72,7 @@ _held: dict[Path, int] = {}  # folders this process holds the lock of -> their d
 # -- reading a record ----------------------------------------------------------------------------------
 def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes | None:
     """A record file's bytes (None if absent), never through a link; RunFolderError for anything but a plain file
-    of at most `limit` bytes (faults.read_regular: a FIFO cannot block the read)."""
+    of at most `limit` bytes (files.read_regular: a FIFO cannot block the read)."""
     path = Path(path)
     try:
         if path.is_symlink():
@@ -318,7 +318,7 @@ def _check_data(run_dir: Path, recorded: dict | None, fingerprint: str) -> None:
 
 def record_identity(run_dir: Path, cfg: DictConfig, fingerprint: str) -> None:
     """At a run's start: write identity.json once; a run that has one must match it (a requeued job, a resume)."""
-    from allconv.faults import write_atomic
+    from allconv.files import write_atomic
 
     run_dir = Path(run_dir)
     recorded = read_json(run_dir / IDENTITY)
@@ -506,7 +506,7 @@ def plan_sweep(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[i
             raise RunFolderError(f"{sweep / name} is a symbolic link (to {os.readlink(sweep / name)}); a sweep writes "
                                  f"only inside its own folder: remove the link")
     if any(target[num] != default[num] for num in target):
-        from allconv.faults import write_atomic
+        from allconv.files import write_atomic
 
         names = {str(num): folder.name for num, folder in target.items()}
         write_atomic(sweep / JOBS, (json.dumps({"folders": names}, indent=1) + "\n").encode())

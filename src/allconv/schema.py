@@ -97,8 +97,8 @@ SOURCES = (*OFFICIAL, "npz")
 # Listed here, not imported: visualize_run and wandb_logger reach cli and experiment, which import this module.
 FIGURES = ("reconstructions", "filters", "whitening")  # allconv.visualize_run draws these
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # allconv.wandb_logger.resolve_mode reads these
-LOGGERS = ("csv", "wandb", "tensorboard")  # what logger=many combines (allconv.experiment.build_logger)
-PROFILERS = ("simple", "advanced")  # Lightning's, built with the run folder as their dirpath (experiment.build_trainer)
+LOGGERS = ("csv", "wandb", "tensorboard")  # what logger=many combines (allconv.training.build_logger)
+PROFILERS = ("simple", "advanced")  # Lightning's, built with the run folder as their dirpath (training.build_trainer)
 PRECISIONS = ("auto", *precision_names())  # auto: bf16-mixed on CUDA, else 32-true (trainer_kwargs)
 
 
@@ -247,7 +247,7 @@ class TensorBoardLogger(Section):
 
 
 class ManyLoggers(WandbLogger):
-    """logger=many: the loggers listed, with logger=wandb's settings for W&B (allconv.experiment.build_logger)."""
+    """logger=many: the loggers listed, with logger=wandb's settings for W&B (allconv.training.build_logger)."""
 
     kind: Literal["many"]
     loggers: rule(Annotated[list[Literal[LOGGERS]], Field(min_length=1)],

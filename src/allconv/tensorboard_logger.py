@@ -1,6 +1,6 @@
 """TensorBoard for a run: Lightning's TensorBoardLogger, in <run dir>/tensorboard, one TensorBoard run per run.
 
-build_tensorboard_logger(cfg, run_dir) is called by experiment.build_logger for logger=tensorboard and
+build_tensorboard_logger(cfg, run_dir) is called by training.build_logger for logger=tensorboard and
 logger=many. The folder has no version_N below it, so `tensorboard --logdir outputs` shows each run
 folder as one run and a resumed run writes into the same one: its event file is added beside the
 earlier ones and starts with TensorBoard's purge marker at the step where the resume takes over,

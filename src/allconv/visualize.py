@@ -365,7 +365,7 @@ def save_png(picture: torch.Tensor, path: str | Path) -> Path:
 
     from torchvision.utils import save_image
 
-    from allconv.faults import write_atomic
+    from allconv.files import write_atomic
 
     buf = io.BytesIO()
     save_image(picture, buf, format="png")

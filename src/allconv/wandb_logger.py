@@ -1,8 +1,8 @@
 """Weights & Biases for a run: Lightning's WandbLogger, offline unless an API key is there.
 
-build_wandb_logger(cfg, run_dir) is called by experiment.build_logger for logger=wandb. Each run,
+build_wandb_logger(cfg, run_dir) is called by training.build_logger for logger=wandb. Each run,
 and so each Hydra multirun job, is its own W&B run: a run left open in this process by an earlier
-job (one that failed before it finished) is closed first, and experiment.train closes each run
+job (one that failed before it finished) is closed first, and training.train closes each run
 with the final metrics as its summary and the learning curve as an image (the guided-backprop
 grids and the filters come from visualize_callback.GuidedBackpropGrid). Name and group come from
 model, lr and seed, so the W&B UI groups a (model, lr) cell's seeds. Under a `wandb agent` the
@@ -51,10 +51,10 @@ def resolve_mode(requested: str) -> str:
 
 
 class RunLogger(QuietWandbLogger):
-    """WandbLogger that ends its W&B run once the run's metrics.json exists (see experiment.train).
+    """WandbLogger that ends its W&B run once the run's metrics.json exists (see training.train).
 
     With run_dir it also writes <run_dir>/csv/metrics.csv, as logger=csv does: the learning curve
-    (curves.plot_run) is drawn from that file, for W&B runs too.
+    (learning_curve.plot_run) is drawn from that file, for W&B runs too.
     """
 
     def __init__(self, run_dir: str | Path | None = None, **kwargs):
@@ -87,7 +87,7 @@ class RunLogger(QuietWandbLogger):
         if run is None:
             return
         curve = self.run_dir / "learning_curve.png" if self.run_dir else None
-        if curve is not None and curve.is_file():  # drawn by experiment.train just before
+        if curve is not None and curve.is_file():  # drawn by training.train just before
             self.log_image(key="learning_curve", images=[str(curve)], caption=[str(metrics.get("model", ""))])
         run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
         run.finish()

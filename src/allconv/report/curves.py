@@ -15,8 +15,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from allconv.curves import read_epochs
 from allconv.errors import ReportError
+from allconv.learning_curve import read_epochs
 from allconv.report.pages import KEEP_MARKER, runs_or_error, save_figure, wrap, writable, write_page
 from allconv.report.runs import ORDER, Run, _cap_text, _g, fmt_time, run_settings, settings_label
 

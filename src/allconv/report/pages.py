@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 from allconv.errors import ReportError
-from allconv.faults import figure_bytes, write_atomic
+from allconv.files import figure_bytes, write_atomic
 from allconv.report.runs import Run, find_runs
 
 KEEP_MARKER = "<!-- Text below this line is written by hand; src/report.py keeps it when it rewrites the page. -->"

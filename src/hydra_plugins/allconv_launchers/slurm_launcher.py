@@ -1,6 +1,6 @@
 """hydra/launcher=slurm_cpu | slurm_gpu: hydra-submitit-launcher's SLURM launcher, with refusals and preemption
 made explicit. It lives here because Hydra instantiates launchers only from the hydra_plugins namespace; the
-helpers it uses are allconv.launchers'.
+helpers it uses are allconv.local_parallel'.
 """
 
 from __future__ import annotations
@@ -10,7 +10,62 @@ import sys
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
-from allconv.launchers import _SbatchErrors, refusal_message, submitit_signal
+
+def submitit_signal() -> int:
+    """The signal submitit asks SLURM to send before the time limit (--signal=USR2@<delay>; env-configurable)."""
+    import signal
+
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+# sbatch's refusals -> the hydra.launcher key that asked for it (the first match names the key to change)
+_REFUSALS = (
+    ("generic resource", "hydra.launcher.gpus_per_node (null on a partition without GPUs; or gres)"),
+    ("partition", "hydra.launcher.partition (sinfo lists the partitions)"),
+    ("time limit", "hydra.launcher.timeout_min (the partition's limit: sinfo -o '%P %l')"),
+    ("memory", "hydra.launcher.mem_gb (the node's memory: sinfo -o '%P %m')"),
+    ("account", "hydra.launcher.account"),
+    ("qos", "hydra.launcher.qos"),
+    ("node count", "hydra.launcher.nodes"),
+    ("processors", "hydra.launcher.cpus_per_task or tasks_per_node (the node's cores: sinfo -o '%P %c')"),
+    ("node configuration", "hydra.launcher.cpus_per_task, mem_gb, gpus_per_node or tasks_per_node "
+                           "(the nodes have: sinfo -o '%P %c %m %G')"),
+)
+
+
+def refusal_message(sbatch_stderr: str) -> str:
+    """sbatch's own error (its last 'error:' line) and the hydra.launcher key to change, as one line."""
+    lines = [ln.strip() for ln in sbatch_stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()] or lines or ["no message"]
+    said = errors[-1]
+    reason = said.split("error:", 1)[-1].strip() if "error:" in said else said
+    key = next((k for pattern, k in _REFUSALS if pattern in reason.lower()), "the hydra.launcher.* resources")
+    return f"sbatch refused the job: {reason}; change {key}"
+
+
+class _SbatchErrors:
+    """sys.stderr while jobs are submitted: sbatch's error text, which submitit prints before raising, is held
+    back (it becomes part of the one error line); everything else goes straight through."""
+
+    def __init__(self, real):
+        self.real, self.held, self._swallow_newline = real, [], False
+
+    def write(self, text: str) -> int:
+        if text.startswith("sbatch: "):
+            self.held.append(text)
+            self._swallow_newline = True
+            return len(text)
+        if self._swallow_newline and text == "\n":
+            self._swallow_newline = False
+            return 1
+        self._swallow_newline = False
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
 
 
 def _job_dir(overrides) -> str:

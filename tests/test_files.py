@@ -22,12 +22,12 @@ import lightning as L
 import pytest
 import torch
 
-from allconv import experiment, preprocessing, visualize
+from allconv import preprocessing, training, visualize
 from allconv.callbacks import AtomicCheckpointIO, CostEstimate
 from allconv.csv_logger import CSVLogger
-from allconv.curves import plot_run, read_epochs
 from allconv.data import DeviceLoader
 from allconv.errors import Interrupted, WriteError
+from allconv.learning_curve import plot_run, read_epochs
 from conftest import PYTHON, TINY, TRAIN_PY, last_line, write_npz
 
 REASONS = {errno.ENOSPC: "No space left on device (ENOSPC)", errno.EROFS: "Read-only file system (EROFS)",
@@ -143,7 +143,7 @@ def _check_checkpoint(path: Path, value: float) -> None:
 
 
 def _json(path: Path, value: float) -> None:
-    experiment.write_json(path, {"test_error": value})
+    training.write_json(path, {"test_error": value})
 
 
 def _check_json(path: Path, value: float) -> None:
@@ -312,7 +312,7 @@ def inprocess_reference(tmp_path_factory):
     def get(val_size: int):
         if val_size not in done:
             run = tmp / f"reference_val{val_size}"
-            done[val_size] = experiment.train(_inprocess_cfg(tmp, val_size), run), _weights(run)
+            done[val_size] = training.train(_inprocess_cfg(tmp, val_size), run), _weights(run)
         return (tmp, *done[val_size])
 
     return get
@@ -338,7 +338,7 @@ def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_ref
         _stop_before_the_step_as_ddp_does(monkeypatch)
     before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when the suite runs as a background job
     with pytest.raises(Interrupted) as info, callbacks.interrupted_as_error():
-        experiment.train(cfg, run)
+        training.train(cfg, run)
     monkeypatch.undo()
     e, name = info.value, signal.Signals(signum).name
     assert e.exit_code == 128 + signum and e.status == "interrupted"
@@ -349,7 +349,7 @@ def test_signal_at_each_boundary_then_resume_matches_uninterrupted(inprocess_ref
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back
 
     cfg.ckpt_path = str(ckpt)
-    metrics = experiment.train(cfg, run)
+    metrics = training.train(cfg, run)
     assert (metrics["test_error"], metrics.get("val_error"), metrics["epochs"]) == \
         (ref_metrics["test_error"], ref_metrics.get("val_error"), ref_metrics["epochs"])
     weights = _weights(run)
@@ -409,7 +409,7 @@ def test_cost_estimate_line_and_the_cpu_advice(compose_cfg, tmp_path, capsys, ep
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[estimate], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(experiment.build_module(cfg), datamodule=experiment.build_datamodule(cfg))
+    trainer.fit(training.build_module(cfg), datamodule=training.build_datamodule(cfg))
     line = estimate.line
     assert capsys.readouterr().out.splitlines().count(line) == 1
     assert line.startswith(f"estimate: {epochs} epochs x ") and " per epoch (2 steps x " in line

@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv import models, run_folder, schema
 from allconv.csv_logger import CSVLogger
-from allconv.curves import plot_run
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError, WriteError
-from allconv.faults import write_atomic
+from allconv.files import write_atomic
+from allconv.learning_curve import plot_run
 from allconv.module import AllConvModule
 
 
@@ -218,14 +218,13 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Written whole or not at all; a refused write is a WriteError naming the file (faults.write_atomic)."""
+    """Written whole or not at all; a refused write is a WriteError naming the file (files.write_atomic)."""
     write_atomic(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
-    from allconv.callbacks import build_callbacks
-    from allconv.resume import EpochSeed, FitClock
+    from allconv.callbacks import EpochSeed, FitClock, build_callbacks
 
     dm = build_datamodule(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -278,7 +277,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
             what = e if isinstance(e, WriteError) else \
                 f"{run_dir / 'learning_curve.png'} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
-            print(f"warning: {what}; the run's result stands (python -m allconv.curves {run_dir} redraws it)",
+            print(f"warning: {what}; the run's result stands (python -m allconv.learning_curve {run_dir} redraws it)",
                   file=sys.stderr)
     if hasattr(trainer.logger, "finish_run"):  # W&B: each job its own run, closed with the final metrics
         trainer.logger.finish_run(metrics)

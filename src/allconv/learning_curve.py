@@ -1,7 +1,7 @@
 """The learning curve of one run, as a PNG: train loss, train/val error and lr per epoch.
 
 Reads the CSVLogger's metrics.csv (logger=csv, the default) that Lightning writes into the run
-directory; train.py calls it at the end of every run, and `python -m allconv.curves <run dir>`
+directory; train.py calls it at the end of every run, and `python -m allconv.learning_curve <run dir>`
 redraws it. The file is data from a run folder: only a regular file is read, and a cell that is not
 a finite number (text, NaN, a number too large for a float, a line that is not CSV) is skipped.
 """
@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from allconv.faults import figure_bytes, read_regular, write_atomic
+from allconv.files import figure_bytes, read_regular, write_atomic
 
 # A metrics log holds a few rows per epoch (about 100 kB for 350 epochs); more is not one of this project's.
 MAX_CSV_BYTES = 64 << 20
@@ -122,7 +122,7 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
 
 if __name__ == "__main__":
     from allconv.errors import AllConvError
-    from allconv.faults import NotRegularFile, reason
+    from allconv.files import NotRegularFile, reason
 
     try:
         for d in sys.argv[1:]:
