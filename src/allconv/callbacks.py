@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from allconv.errors import Interrupted, NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
 from allconv.lightning_private import LastCheckpoint
 from allconv.preprocessing import atomic_torch_save
+from allconv.run_folder import RunFolder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -86,9 +87,9 @@ class Preemption(L.Callback):
     stops the run after the next training step, and one during the test lets the test finish.
     """
 
-    def __init__(self, run_dir: str | Path, dirpath: str | Path | None = None):
+    def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.ckpt = Path(dirpath or self.run_dir / "checkpoints") / "last.ckpt"
+        self.ckpt = RunFolder(run_dir).checkpoint
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._lightning_handler = None
@@ -315,13 +316,30 @@ class FitClock(L.Callback):
         self.before = float(elapsed) if ok and elapsed >= 0 else 0.0
 
 
-def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
-    cbs: list[L.Callback] = [Preemption(run_dir), CostEstimate()]
+class RunIdentity(L.Callback):
+    """Carries the run's identity.json in every checkpoint (callbacks.RunIdentity), so that the record and the
+    checkpoint can be held against each other and a lost record rebuilt (allconv.run_folder). Loading does
+    nothing: what a checkpoint says is read by run_folder, never taken as settings."""
+
+    def __init__(self, identity: dict | None):
+        self.identity = identity  # None on DDP ranks other than 0, which write no checkpoint
+
+    def state_dict(self) -> dict:
+        return dict(self.identity or {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
+    cbs: list[L.Callback] = [Preemption(folder.path), CostEstimate()]
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
-        cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                  every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
-                                  enable_version_counter=False))  # a copied run: its own last.ckpt, never -v1
+        last = LastCheckpoint(dirpath=str(folder.checkpoints), save_last=True, save_top_k=0,
+                              every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
+                              enable_version_counter=False)  # a copied run: its own last.ckpt, never -v1
+        last.CHECKPOINT_NAME_LAST = folder.checkpoint.stem  # Lightning's documented name for the last checkpoint
+        cbs.append(last)
     refresh = c.get("progress_bar_refresh", 1)  # each refresh costs ~1 ms of Python: a GPU step is ~1 ms
     if c.progress_bar == "rich":
         cbs.append(RichProgressBar(refresh_rate=refresh, leave=True))
@@ -330,6 +348,6 @@ def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
     if c.get("guided_backprop") and c.guided_backprop.get("every_n_epochs"):
         from allconv.visualize_callback import GuidedBackpropGrid
 
-        cbs.append(GuidedBackpropGrid(run_dir=run_dir, **c.guided_backprop))
+        cbs.append(GuidedBackpropGrid(run_dir=folder.path, **c.guided_backprop))
     return cbs
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from allconv.files import figure_bytes, read_regular, write_atomic
+from allconv.run_folder import RunFolder
 
 # A metrics log holds a few rows per epoch (about 100 kB for 350 epochs); more is not one of this project's.
 MAX_CSV_BYTES = 64 << 20
@@ -75,10 +76,10 @@ def read_epochs(metrics_csv: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
-    """Write <run_dir>/learning_curve.png; None when the run has no CSV metrics."""
-    run_dir = Path(run_dir)
-    metrics_csv = run_dir / "csv" / "metrics.csv"
+def plot_run(run_dir: str | Path | RunFolder, title: str | None = None) -> Path | None:
+    """Write the run folder's learning_curve.png; None when the run has no CSV metrics."""
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    metrics_csv = folder.metrics_csv
     if not metrics_csv.is_file():
         return None
     import matplotlib
@@ -115,7 +116,7 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
         fig.suptitle(title)
     fig.tight_layout()
     try:  # rendered in memory, written whole (a full disk is a WriteError naming the file)
-        return write_atomic(run_dir / "learning_curve.png", figure_bytes(fig, dpi=120))
+        return write_atomic(folder.learning_curve, figure_bytes(fig, dpi=120))
     finally:
         plt.close(fig)
 
@@ -132,5 +133,5 @@ if __name__ == "__main__":
         sys.exit(e.exit_code)
     except (OSError, NotRegularFile) as e:  # the log was replaced after plot_run found a file there
         why = f"cannot be read: {reason(e)}" if isinstance(e, OSError) else str(e)
-        print(f"error: {Path(d) / 'csv' / 'metrics.csv'} {why}", file=sys.stderr)
+        print(f"error: {RunFolder(d).metrics_csv} {why}", file=sys.stderr)
         sys.exit(2)

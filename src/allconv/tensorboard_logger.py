@@ -15,6 +15,8 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from allconv.run_folder import RunFolder
+
 
 def resume_step(ckpt_path: str | Path) -> int | None:
     """The logging step at which a run resumed from ckpt_path takes over: the batches its checkpoint had trained.
@@ -35,4 +37,5 @@ def resume_step(ckpt_path: str | Path) -> int | None:
 def build_tensorboard_logger(cfg: DictConfig, run_dir: Path) -> TensorBoardLogger:
     step = resume_step(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     extra = {"purge_step": step} if step is not None else {}  # SummaryWriter's marker for a restarted run
-    return TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False, **extra)
+    name = RunFolder(run_dir).tensorboard.name
+    return TensorBoardLogger(str(run_dir), name=name, version="", default_hp_metric=False, **extra)

@@ -10,7 +10,6 @@ fits, tests and writes metrics.json into the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -21,13 +20,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from allconv import models, run_folder, schema
+from allconv import models, run_folder, run_record, schema
 from allconv.csv_logger import CSVLogger
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError, WriteError
-from allconv.files import write_atomic
 from allconv.learning_curve import plot_run
 from allconv.module import AllConvModule
+from allconv.run_folder import RunFolder
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -131,7 +130,7 @@ def check_eval(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
     out = OmegaConf.select(cfg, "hydra.run.dir", default=None)
-    if out is not None and run_folder.is_run(Path(str(out))):  # finished, interrupted, failed: its record stays
+    if out is not None and RunFolder(str(out)).is_run():  # finished, interrupted, failed: its record stays
         raise ConfigError(f"hydra.run.dir={str(out)!r} holds a training run; eval writes into a folder of its own: "
                           f"choose another hydra.run.dir (or leave it unset)")
     ckpt = checkpoint.read(cfg.ckpt_path)
@@ -176,18 +175,18 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return {k: v for k, v in t.items() if v is not None}
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.Trainer:
+def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, precision: str) -> L.Trainer:
     from allconv.callbacks import AtomicCheckpointIO
 
-    kwargs = trainer_kwargs(cfg)
+    kwargs = {**trainer_kwargs(cfg), "precision": precision}
     if cfg.callbacks.get("progress_bar") == "none":
         kwargs["enable_progress_bar"] = False  # else Lightning adds its own bar
     if kwargs.get("profiler") in schema.PROFILERS:  # Lightning's own, from the name, writes its table nowhere
         from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
 
         profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
-        kwargs["profiler"] = profiler(dirpath=str(run_dir), filename="profiler")
-    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
+        kwargs["profiler"] = profiler(dirpath=str(folder.path), filename=folder.profiler_name)
+    return L.Trainer(default_root_dir=str(folder.path), callbacks=callbacks, logger=logger,
                      plugins=[AtomicCheckpointIO()], **kwargs)
 
 
@@ -209,7 +208,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
         loggers = [build_wandb_logger(cfg, run_dir)]
     else:
-        loggers = [CSVLogger(str(run_dir), name="csv", version="")]  # Lightning's, its files written whole
+        # Lightning's, its files written whole
+        loggers = [CSVLogger(str(run_dir), name=RunFolder(run_dir).csv.name, version="")]
     if "tensorboard" in kinds:
         from allconv.tensorboard_logger import build_tensorboard_logger
 
@@ -217,26 +217,52 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     return loggers if len(loggers) > 1 else loggers[0]
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Written whole or not at all; a refused write is a WriteError naming the file (files.write_atomic)."""
-    write_atomic(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
+def identity(cfg: DictConfig, dm: CIFARDataModule, precision: str) -> dict:
+    """What the run is (allconv.run_record): its resolved settings, the overrides resume replays, the fingerprints
+    of its arrays and of its whitened inputs (dm set up: the fit actually used), the precision it trains in."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from allconv import run_record
+    from allconv.resume import replayable
+
+    task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return {"format": run_record.IDENTITY_FORMAT, "settings": run_folder.settings(cfg),
+            "overrides": replayable(task, cfg), "data": dm.fingerprint(), "inputs": dm.inputs_fingerprint(),
+            "fit": dm.fit_summary(), "precision": precision, "cwd": os.getcwd()}
+
+
+def run_precision(cfg: DictConfig, folder: RunFolder) -> str:
+    """The precision the run trains in: a continuation keeps the one it was started in (trainer.precision=auto may
+    mean another on this machine), a new run resolves auto on this machine."""
+    resolved = trainer_kwargs(cfg).get("precision", "32-true")
+    kept = run_folder.recorded_precision(folder) if cfg.trainer.get("precision") == "auto" else None
+    if kept is not None and kept != resolved and not run_folder.is_secondary_rank():
+        print(f"precision: {kept} kept from the run's record (trainer.precision=auto would be {resolved} here)",
+              file=sys.stderr, flush=True)
+    return kept or str(resolved)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
-    from allconv.callbacks import EpochSeed, FitClock, build_callbacks
+    """Fit and test one network; returns the metrics also written to the run folder's metrics.json."""
+    from allconv.callbacks import EpochSeed, FitClock, RunIdentity, build_callbacks
 
+    folder = RunFolder(run_dir)
     dm = build_datamodule(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = run_precision(cfg, folder)
+    record = None
     if not run_folder.is_secondary_rank():  # the run's identity, once; a continuation must match it
         dm.prepare_data()
-        run_folder.record_identity(run_dir, cfg, dm.fingerprint())
+        dm.setup("fit")  # the whitening fit is part of the identity (Lightning's own setup() then finds it done)
+        record = run_folder.record(folder, identity(cfg, dm, precision))
     clock = FitClock()
-    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock]  # a resumed run repeats the same draws
-    trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
+    callbacks = build_callbacks(cfg, folder) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
+    trainer = build_trainer(cfg, folder, callbacks, build_logger(cfg, run_dir), precision)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
@@ -247,7 +273,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     val_error = trainer.callback_metrics.get("val/error")  # test() replaces callback_metrics
     trainer.test(module, datamodule=dm, verbose=False)
     metrics = {
-        "status": "ok",
+        "status": run_record.FINISHED,
         "model": models.config_name(cfg.model.family, cfg.model.variant),
         "network": models.paper_name(cfg.model.family, cfg.model.variant),
         "family": cfg.model.family, "variant": cfg.model.variant, "width": cfg.model.width,
@@ -268,15 +294,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if ranks is not None:
         metrics["ddp"] = ranks
     if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
+        folder.write_outcome(metrics)
         if trainer.logger:
             trainer.logger.save()
         title = f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}"
         try:
-            plot_run(run_dir, title=title)
+            plot_run(folder, title=title)
         except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
             what = e if isinstance(e, WriteError) else \
-                f"{run_dir / 'learning_curve.png'} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
+                f"{folder.learning_curve} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
             print(f"warning: {what}; the run's result stands (python -m allconv.learning_curve {run_dir} redraws it)",
                   file=sys.stderr)
     if hasattr(trainer.logger, "finish_run"):  # W&B: each job its own run, closed with the final metrics

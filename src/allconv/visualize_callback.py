@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from allconv import figures, visualize
+from allconv.run_folder import RunFolder
 
 
 class GuidedBackpropGrid(L.Callback):
@@ -26,8 +27,9 @@ class GuidedBackpropGrid(L.Callback):
                              f"got {every_n_epochs!r}")
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ValueError(f"callbacks.guided_backprop.num_images must be an integer >= 1, got {num_images!r}")
-        self.out_dir = Path(run_dir) / "guided_backprop"
-        self.filters_dir = Path(run_dir) / "filters" if filters else None
+        folder = RunFolder(run_dir)
+        self.out_dir = folder.guided_backprop
+        self.filters_dir = folder.filters if filters else None
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
         self.layer, self.unit = str(layer), unit  # a number from Hydra is a str here, so the error can list names
         self._last_epoch = 0  # epochs completed

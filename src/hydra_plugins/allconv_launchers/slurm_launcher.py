@@ -99,7 +99,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
       last.ckpt, train_job records it as interrupted and exits 128+USR2; only then is the signal handed to
       submitit's own handler, which resubmits the same job (checkpoint(): same overrides, same job number, so
       the same run folder) and requeues it. Without this, submitit's handler exits from inside a step and
-      nothing is saved. The requeued job finds last.ckpt in its folder and continues (run_folder.plan_sweep_job);
+      nothing is saved. The requeued job finds last.ckpt in its folder and continues (sweep_folder.plan_job);
     - a job started again by SLURM (scontrol requeue, or submitit's own requeue) says so in its log.
 
     SIGTERM (scontrol requeue, a preemption by SLURM, the time limit itself) needs no hand-over: SLURM has
