@@ -219,6 +219,17 @@ def compose_cfg():
     return make
 
 
+def write_identity(run: Path, config: dict) -> Path:
+    """identity.json as a run records its settings (nested config -> dotted keys): what the report reads."""
+    import json
+
+    from allconv.run_record import flat
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "identity.json").write_text(json.dumps({"settings": flat(config), "data": "x"}))
+    return run
+
+
 def only_line(text: str) -> str:
     """The one line of text (stderr under the one-line error contract); fails on none or several."""
     lines = text.splitlines()

@@ -98,7 +98,7 @@ def test_a_resume_drops_malformed_log_rows_and_a_figure_that_cannot_be_written_i
     (interrupted / "learning_curve.png").mkdir()  # a folder in the figure's place: its write is refused
     code, out, err = run_entry(f"resume={interrupted}")
     assert code == 0, err[-3000:]
-    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "finished"
     png = interrupted / "learning_curve.png"
     assert err.splitlines() == [
         f"warning: {log}: dropped 5 malformed rows (row 3: step='abc' is not a finite number); kept 2",
@@ -370,7 +370,7 @@ def test_a_run_whose_zca_cache_cannot_be_locked_trains_on_with_one_warning(run_e
     cache = re.escape(os.environ["ALLCONV_CACHE"])
     assert re.fullmatch(rf"warning: cannot lock {cache}/zca-[0-9a-f]{{16}}\.lock: No locks available \(ENOLCK\); "
                         rf"{re.escape(NO_LOCKS)}", only_line(err)), err
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
 
 
 # -- paths that are not files, settings this machine cannot honour -----------------------------------------------

@@ -468,7 +468,7 @@ def _assert_same_as(reference, run: Path) -> None:
     ref, out = reference.result()
     assert "estimate: 3 epochs x " in out  # the cost line of an ordinary run
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
-    assert a["status"] == b["status"] == "ok" and a["epochs"] == b["epochs"] == EPOCHS
+    assert a["status"] == b["status"] == "finished" and a["epochs"] == b["epochs"] == EPOCHS
     assert (a["test_error"], a["val_error"]) == (b["test_error"], b["val_error"])
     wa, wb = _weights(ref), _weights(run)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

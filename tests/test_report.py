@@ -13,13 +13,16 @@ import yaml
 
 from allconv import report
 from allconv.report import curves, pages, runs, table
+from conftest import write_identity
 
 
 def write_run(root: Path, model: str, lr: float, seed: int, test: float | None = None, val: float | None = None,
               status: str = "ok", **extra) -> Path:
     run = root / f"{model}_lr{lr}_s{seed}"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- optim.lr={lr}\n- seed={seed}\n")
+    run.mkdir(parents=True)
+    family, variant = {"all_cnn_c": ("c", "allcnn"), "model_a": ("a", "base"), "model_c": ("c", "base")}[model]
+    settings = {"model.family": family, "model.variant": variant, "optim.lr": lr, "seed": seed}
+    (run / "identity.json").write_text(json.dumps({"settings": settings, "data": "x"}))
     if status == "incomplete":
         return run
     m = {"status": status, "model": model, "lr": lr, "seed": seed}
@@ -43,7 +46,7 @@ def test_lr_selected_on_test_with_failed_incomplete_and_missing_runs(tmp_path):
     write_run(sweep, "model_a", 0.1, 0, test=0.5)
     write_run(sweep, "model_a", 0.05, 0, test=0.4)
     write_run(sweep, "model_a", 0.1, 1, status="failed")
-    write_run(sweep, "model_a", 0.05, 1, status="incomplete")  # killed: .hydra but no metrics.json
+    write_run(sweep, "model_a", 0.05, 1, status="incomplete")  # killed: identity.json but no metrics.json
     bad = write_run(sweep, "model_a", 0.25, 0, test=0.1)
     (bad / "metrics.json").write_text('{"status": "ok", "test_er')  # torn file from a dead disk
     text, out = table.report([sweep])
@@ -56,7 +59,7 @@ def test_lr_selected_on_test_with_failed_incomplete_and_missing_runs(tmp_path):
     assert a[2].startswith("0.05") and a[5] == "40.00"  # one seed: no std
     assert a[6] == "12.47" and a[7] == "15.16"
     assert "## Failed or incomplete runs" in text
-    assert "| failed | non-finite loss" in text and "| incomplete |" in text and "| unreadable |" in text
+    assert "| diverged | non-finite loss" in text and "| started |" in text and "| unreadable |" in text
     assert "- model_a, lr 0.25, seed 1" in text and "- all_cnn_c, lr 0.25, seed 0" in text  # never launched
     assert (out / "report.md").read_text() == text
     png = (out / "report.png").read_bytes()
@@ -95,14 +98,14 @@ def test_no_runs_is_one_line_error(tmp_path, capsys, case):
     assert not (target / "report.md").exists()
 
 
-# --- runs as the lr study writes them: metrics.json, csv/metrics.csv, .hydra/{config,overrides}.yaml ---
+# --- runs as the lr study writes them: metrics.json, csv/metrics.csv, identity.json ---
 
 CSV_HEADER = ("epoch,epoch_time_s,lr,optim/clip_norm,optim/clipped_frac,step,train/acc,train/grad_norm,train/loss,"
               "val/error,val/loss")
 
 
 def study_config(lr: float, cap: float | None, epochs: int) -> dict:
-    """The keys of a real run's .hydra/config.yaml that the report reads, in their places."""
+    """The settings of a real run's identity.json that the report reads, in their places."""
     return {"model": {"family": "c", "variant": "allcnn", "width": 0.25, "dropout_input": 0.2},
             "data": {"source": "npz", "path": "data/cifar10-jpeg-arrays.npz", "preprocess": "gcn_zca",
                      "val_size": 5000, "augment": False, "batch_size": 128, "num_classes": 10},
@@ -115,12 +118,8 @@ def write_study_run(root: Path, num: int, lr: float, cap: float | None, curve: l
                     test: float | None = None, wall: float = 600.0) -> Path:
     """curve: (val error, train loss, train acc) per epoch; test None = killed before metrics.json."""
     run = root / f"{num}_lr{lr}_cap{cap}"
-    (run / ".hydra").mkdir(parents=True)
+    write_identity(run, study_config(lr, cap, epochs=6))
     (run / "csv").mkdir()
-    config = study_config(lr, cap, epochs=6)
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    cap_override = "- optim.max_update_norm=null\n" if cap is None else ""
-    (run / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n{cap_override}- experiment=lr_study_cpu\n")
     rows, step = [CSV_HEADER], 0
     for epoch, (val, loss, acc) in enumerate(curve):
         step += 352

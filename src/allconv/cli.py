@@ -270,10 +270,7 @@ def train_job(cfg: DictConfig) -> float | None:
         folder.check_links()  # again here: a requeued job was not checked by a pre-flight
         if sweep is not None:
             sweep_folder.check_job_folder(folder, sweep)
-            errors = run_folder.continuation_errors(folder, cfg) if folder.is_run() else []
-            if errors:
-                raise RunFolderError(f"{folder.path} holds another run ({'; '.join(errors[:3])}); this job does "
-                                     f"not continue it")
+            run_folder.check_job(folder, cfg)
             plan = sweep_folder.plan_job(folder)
             if plan.note:
                 print(plan.note, file=sys.stderr, flush=True)

@@ -144,17 +144,14 @@ def expand_argv(argv: list[str]) -> list[str]:
     try:
         identity = folder.read_identity()
     except AllConvError as e:
-        identity, damaged = None, e
-    else:
-        damaged = None
+        raise ResumeError(f"resume={run}: {e}") from None
     try:
         identity = identity or folder.saved_identity()
     except AllConvError as e:
         raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
                           f"(or restore an earlier copy of last.ckpt)") from None
     if identity is None:
-        raise ResumeError(f"resume={run}: {damaged}" if damaged else
-                          f"resume={run}: the run records no identity.json (it was started by an older allconv); "
+        raise ResumeError(f"resume={run}: the run records no identity.json (it was started by an older allconv); "
                           f"continue it with its own command plus ckpt_path={folder.checkpoint} hydra.run.dir={run}")
     if identity.get("format", 1) != rr.IDENTITY_FORMAT:
         raise ResumeError(f"resume={run}: its identity.json records no overrides (it was started by an older "

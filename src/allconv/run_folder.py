@@ -110,7 +110,7 @@ class RunFolder:
             return status
         if _plain_file(self.checkpoint):
             return rr.INTERRUPTED if status in (None, rr.INTERRUPTED) else status
-        return rr.FAILED if status is not None else rr.STARTED
+        return rr.FAILED if status == rr.FAILED else rr.STARTED
 
     def read_identity(self) -> dict | None:
         return rr.read_identity(self.identity)
@@ -299,6 +299,15 @@ def continuation_errors(folder: RunFolder, cfg: DictConfig, extend: bool = True)
         resolved = settings(cfg)
         errors = differences({k: v for k, v in saved.items() if k in resolved or k not in OLDER}, resolved, extend)
     return errors
+
+
+def check_job(folder: RunFolder, cfg: DictConfig) -> None:
+    """A job about to use folder (a relaunch, a requeue, a jobs.json edited since the launch): the run recorded
+    there is this job's run."""
+    errors = continuation_errors(folder, cfg) if folder.is_run() else []
+    if errors:
+        raise RunFolderError(f"{folder.path} holds another run ({'; '.join(errors[:3])}); this job does not continue "
+                             f"it")
 
 
 def check_data(folder: RunFolder, recorded: dict | None, fingerprint: str, key: str = "data") -> None:
