@@ -230,6 +230,39 @@ def write_identity(run: Path, config: dict) -> Path:
     return run
 
 
+def invoke(*args: str, cwd: Path, script: Path = TRAIN_PY) -> tuple[int, str]:
+    """(exit status, stderr) of `python src/<script> args` run in this process, in cwd (faster than run_cli)."""
+    import contextlib
+    import io
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    before_cwd, before_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [str(script), *map(str, args)]
+    err = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(before_cwd)
+        sys.argv = before_argv
+    return code, err.getvalue()
+
+
+def hashes(folder: Path) -> dict[str, str | None]:
+    """Every file's sha256 and every folder (None) under folder, by relative path; links are not followed."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
+
+
 def only_line(text: str) -> str:
     """The one line of text (stderr under the one-line error contract); fails on none or several."""
     lines = text.splitlines()

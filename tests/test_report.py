@@ -227,7 +227,7 @@ def test_curves_page_and_figure_say_what_was_run(study):
     assert text.startswith(f"# All-CNN-C: learning rate and update cap\n\n**{label}**\n")
     assert " ".join(drawn.split()).count(label) == 1  # wrapped over lines in the suptitle
     for legend in ("lr 0.25, cap 0.125 — died at epoch 3", "lr 0.1, cap 0.125", "lr 0.05, cap 0.125",
-                   "lr 0.05, no cap", "lr 0.001, cap 0.125 — incomplete"):
+                   "lr 0.05, no cap", "lr 0.001, cap 0.125 — started"):
         assert legend in drawn.splitlines(), legend
     assert "lr ×0.1" in drawn and "chance: ln 10" in drawn
     val_ax = study["figure"].axes[0]
@@ -271,7 +271,7 @@ def test_table1_keeps_runs_apart_that_differ_only_in_the_cap(study, tmp_path):
     text, _ = table.report([study["sweep"]], out=tmp_path, plot=False)
     row = table_rows(text)["All-CNN-C"]
     assert row[2] == "0.1, cap 0.125 (of 5)" and row[3] == "validation" and row[4] == "0" and row[5] == "29.00"
-    assert "| 0.001, cap 0.125 | 0 | incomplete |" in text
+    assert "| 0.001, cap 0.125 | 0 | started |" in text
     assert "**Not the paper's setting: width 0.25, 6 epochs, JPEG copy of CIFAR-10" in text
 
 
@@ -279,7 +279,7 @@ def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.30, val=0.31, max_update_norm=0.125)
     plain = write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
-    assert not (plain / ".hydra" / "config.yaml").exists()
+    assert "optim.max_update_norm" not in (plain / "identity.json").read_text()
     text, _ = table.report([sweep], plot=False)
     assert table_rows(text)["All-CNN-C"][2:6] == ["0.05, cap 0.125 (of 2)", "validation", "0", "30.00"]
     assert "update cap 0.125 or none" in text
@@ -319,11 +319,11 @@ def test_settings_label_says_when_runs_match_the_paper(tmp_path):
     cfg = study_config(0.05, None, epochs=350)
     cfg["model"]["width"], cfg["data"] = 1.0, {"source": "cifar10", "preprocess": "gcn_zca", "val_size": 0,
                                                "augment": False}
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_identity(run, cfg)
     assert runs.settings_label([runs.read_run(run)]) == ("The paper's setting (width 1, 350 epochs, CIFAR-10, "
                                                              "no augmentation).")
     cfg["data"]["augment"] = True
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_identity(run, cfg)
     assert runs.settings_label([runs.read_run(run)]).startswith(
         "Not the paper's setting: augmentation (flips, translations) (the paper:")
 

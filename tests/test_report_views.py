@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from allconv import report
+from allconv import models, report
 from allconv.report import grid, runs, table
 from conftest import write_identity
 
@@ -21,7 +21,8 @@ def write_table_run(root: Path, model: str, test: float, lr: float = 0.05, cap: 
                     error: str = "", seed: int = 0, final_weights: str = "zero", spread: float | None = None) -> Path:
     """A finished run folder as train.py leaves it: metrics.json, identity.json, csv/metrics.csv."""
     run = root / f"{model}_lr{lr}_cap{cap}_{final_weights}_s{seed}"
-    config = {"model": {"width": 0.25, "final_weights": final_weights},
+    family, variant = next((f, v) for f, v in models.all_networks() if models.config_name(f, v) == model)
+    config = {"model": {"family": family, "variant": variant, "width": 0.25, "final_weights": final_weights},
               "data": {"source": "npz", "path": "cifar10-jpeg-arrays.npz", "num_classes": 10, "augment": False},
               "optim": {"lr": lr, "max_update_norm": cap}, "trainer": {"max_epochs": 2}, "seed": seed}
     write_identity(run, config)

@@ -4,15 +4,10 @@ entry point in this process (allconv.run_folder is the one model every command a
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
-import io
 import json
 import os
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,38 +16,12 @@ import torch
 from allconv import run_folder, run_record, sweep_folder
 from allconv.errors import RunFolderError
 from allconv.run_folder import RunFolder
-from conftest import SRC, TRAIN_PY, only_line, write_npz
+from conftest import SRC, hashes, invoke, only_line, write_npz
 
 EVAL_PY = SRC / "eval.py"
 RUN = ["data=npz", "data.path=data.npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=1",
        "data.batch_size=16", "data.eval_batch_size=16", "logger=csv", "callbacks.progress_bar=none",
        "trainer.enable_progress_bar=false", "print_config=false", "callbacks.guided_backprop.every_n_epochs=0"]
-
-
-def invoke(*args: str, cwd: Path, script: Path = TRAIN_PY) -> tuple[int, str]:
-    """(exit status, stderr) of `python src/<script> args` run in this process, in cwd."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    before_cwd, before_argv = os.getcwd(), sys.argv
-    os.chdir(cwd)
-    sys.argv = [str(script), *map(str, args)]
-    err = io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        GlobalHydra.instance().clear()
-        os.chdir(before_cwd)
-        sys.argv = before_argv
-    return code, err.getvalue()
-
-
-def hashes(folder: Path) -> dict[str, str | None]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
 def weights(run: Path) -> dict:
@@ -268,7 +237,7 @@ def test_a_fifo_in_the_record_is_refused_without_hanging(made, tmp_path):
     os.mkfifo(run / "identity.json")
     code, err = invoke(f"resume={run}", cwd=made)
     assert code == 2
-    assert only_line(err).startswith(f"error: {run / 'identity.json'} is a FIFO, not a regular file")
+    assert f"{run / 'identity.json'} is a FIFO, not a regular file" in only_line(err)
     os.mkfifo(run / "metrics.json")
     assert RunFolder(run).state() == "interrupted"  # a FIFO is no result, and reading it does not block
 

@@ -6,7 +6,6 @@ Every crafted file starts from a real tiny run (made once per module) and is edi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -17,7 +16,7 @@ import torch
 
 from allconv.resume import expand_argv
 from allconv.run_folder import RunFolder
-from conftest import SRC, TINY, only_line, run_cli, write_npz
+from conftest import SRC, TINY, hashes, only_line, run_cli, write_npz
 
 EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
@@ -53,12 +52,6 @@ def interrupted(made, tmp_path) -> Path:
     run = Path(shutil.copytree(made[0], tmp_path / "run")).resolve()
     (run / "metrics.json").unlink()
     return run
-
-
-def hashes(folder: Path) -> dict[str, str | None]:
-    """Every file's sha256 and every folder (None) under folder, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(folder.rglob("*"))}
 
 
 def add_overrides(run: Path, *entries: str) -> None:

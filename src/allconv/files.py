@@ -162,9 +162,11 @@ def lock(fd: int, path: str | Path, *, blocking: bool, guards: str) -> bool:
     BlockingIOError (blocking=False) when another process holds the lock; any other OSError propagates."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
     except OSError as e:
-        if e.errno not in LOCKLESS:
-            raise
+        if e.errno not in LOCKLESS:  # EINVAL, EIO, ...: the filesystem refused the lock itself
+            raise WriteError(f"cannot lock {path}: {reason(e)}") from None
         if str(path) not in _warned_lockless:
             _warned_lockless.add(str(path))
             print(f"warning: cannot lock {path}: {reason(e)}; {guards}", file=sys.stderr, flush=True)

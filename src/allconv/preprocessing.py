@@ -15,15 +15,17 @@ and one line on stderr says which file and why.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from allconv.errors import WriteError
+from allconv.errors import DataError, WriteError
 from allconv.files import NotRegularFile, lock, read_regular, torch_bytes, write_atomic
 
 CACHE_VERSION = 1
@@ -120,8 +122,11 @@ def _locked(path: Path):
     lock_path = path.with_suffix(".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")
-    except OSError:
+        f = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # opening through a link would create or lock a file outside the cache
+            raise DataError(f"{lock_path} is a symbolic link; the whitening cache writes only inside its own "
+                            f"folder: remove the link") from None
         yield
         return
     with f:  # closing the file releases the lock
@@ -195,8 +200,8 @@ def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
         return ZCA(filter_bias).fit(x_gcn), False
     path = Path(cache_dir) / f"zca-{key}.pt"
     with _locked(path):  # one fitter per key; the others wait and then load its file
-        fault = ""
-        if path.exists():
+        fault = "it is a symbolic link" if path.is_symlink() else ""  # replaced, never followed
+        if path.exists() and not fault:
             zca, fault = _read_cache(path, key, x_gcn, filter_bias)
             if zca is not None:
                 return zca, True

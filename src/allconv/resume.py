@@ -46,8 +46,9 @@ NOT_REPLAYED = ("data.root", "data.download", "data.cache_dir")
 
 
 def _quote(value: str) -> str:
-    """value as a quoted override: Hydra keeps backslashes except those before a quote (the closing one too)."""
-    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    """value as a quoted override, never an interpolation (a literal ${ is escaped: a folder's name is data); Hydra
+    keeps backslashes except those before a quote (the closing one too)."""
+    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value.replace("${", "\\${"))
     return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, out) + "'"
 
 
@@ -133,6 +134,7 @@ def expand_argv(argv: list[str]) -> list[str]:
     if not run.is_dir():
         raise ResumeError(f"resume={run}: no such directory")
     folder = RunFolder(run)
+    folder.check_links()  # a record read through a link would be another folder's
     now = folder.state()
     if now == rr.NEW:
         raise ResumeError(f"resume={run}: not a run directory (no identity.json, checkpoints/ or metrics.json)")
@@ -207,7 +209,7 @@ def _literal(value) -> str:
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
-    return _quote(str(value).replace("${", "\\${"))
+    return _quote(str(value))
 
 
 def replayable(task_overrides: list[str], cfg) -> list[str]:

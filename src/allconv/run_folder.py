@@ -46,6 +46,10 @@ ALLOWED = ("print_config, callbacks.progress_bar*, trainer.enable_progress_bar, 
            "model.channels_last (the memory layout), "
            "trainer.profiler, logger*, where the data is (data.root, path, download, verify_md5, cache_dir; the same "
            "data) and trainer.max_epochs upward")
+# What makes a folder a sweep's (allconv.sweep_folder): Hydra's record of the launch, and the job folders when a
+# relaunched run moved number.
+JOBS = "jobs.json"
+SWEEP_FILES = ("multirun.yaml", JOBS)
 _UNSET = object()
 _held: dict[Path, int] = {}  # folders this process holds the lock of -> their descriptor
 
@@ -385,6 +389,9 @@ def check_single_run(cfg: DictConfig) -> None:
     key = f"hydra.run.dir={str(folder.path)!r}"
     if folder.path.is_dir() or folder.path.is_symlink():
         folder.check_links()
+    if any(os.path.lexists(folder.path / name) for name in SWEEP_FILES):
+        raise ConfigError(f"{key} is a sweep folder (it holds {' or '.join(SWEEP_FILES)}); a single run gets a "
+                          f"folder of its own: choose another hydra.run.dir")
     now = folder.state()
     if now == rr.NEW:
         return

@@ -23,10 +23,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from allconv import run_record as rr
 from allconv.errors import ConfigError, RunFolderError
 from allconv.files import lock, write_atomic
-from allconv.run_folder import RunFolder, check_data, continuation_errors, data_fingerprint, differences, settings
+from allconv.run_folder import (
+    JOBS,
+    SWEEP_FILES,
+    RunFolder,
+    check_data,
+    continuation_errors,
+    data_fingerprint,
+    differences,
+    settings,
+)
 
-JOBS = "jobs.json"  # the folder of each job of the last launch, when a run moved number
-WRITTEN = ("multirun.yaml", JOBS)
 _held: dict[Path, int] = {}
 
 
@@ -39,7 +46,7 @@ def job_dir(job: DictConfig, num: int) -> Path:
     the job's own so that ${hydra:...} in its values resolves as it will in the job."""
     from hydra.core.hydra_config import HydraConfig
 
-    with open_dict(job):
+    with read_write(job.hydra), open_dict(job.hydra):  # set_config makes it read-only: a job is placed again later
         job.hydra.job.num = num
         job.hydra.job.id = str(num)
     HydraConfig.instance().set_config(job)
@@ -98,7 +105,10 @@ def plan(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[int, Pa
     is written if two jobs would share a folder, if a job's folder holds another run or a link, or if a run it
     continues was trained on other data or its record disagrees with its checkpoint."""
     sweep = Path(str(config.hydra.sweep.dir))
-    for name in WRITTEN:
+    if RunFolder(sweep).is_run():
+        raise ConfigError(f"hydra.sweep.dir={str(sweep)!r} holds a run (its record); a sweep gets a folder of its "
+                          f"own: choose another hydra.sweep.dir")
+    for name in SWEEP_FILES:
         path = sweep / name
         if path.is_symlink():
             raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); a sweep writes only inside "

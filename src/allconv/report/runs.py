@@ -65,13 +65,14 @@ class Run:
     def augmented(self) -> bool:
         """data.augment (saved config, else metrics.json): an augmented run is its own row, never a plain one's seed."""
         data = self.config.get("data")
-        return (data.get("augment") if isinstance(data, dict) else self.metrics.get("augment")) is True
+        return (data if isinstance(data, dict) and "augment" in data else self.metrics).get("augment") is True
 
     @property
     def cap(self) -> float | None:
         """optim.max_update_norm (saved config, else metrics.json); None for plain SGD or when not recorded."""
         optim = self.config.get("optim")
-        return optim.get("max_update_norm") if isinstance(optim, dict) else self.metrics.get("max_update_norm")
+        known = optim if isinstance(optim, dict) and "max_update_norm" in optim else self.metrics
+        return known.get("max_update_norm")
 
 
 def _saved_config(folder: RunFolder) -> dict:
