@@ -9,7 +9,6 @@ from pathlib import Path
 import matplotlib
 import matplotlib.text
 import pytest
-import yaml
 
 from allconv import report
 from allconv.report import curves, pages, runs, table
