@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv import run_folder, run_record, sweep_folder
 from allconv.errors import AllConvError, ConfigError, Interrupted, NonFiniteLossError, ResumeError, RunFolderError
+from allconv.files import check_output_dir
 from allconv.run_folder import RunFolder
 
 sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
@@ -86,35 +87,6 @@ def main(hydra_main: Callable[[], object]) -> None:
         hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
         fail(_one_line(e), 2)
-
-
-def check_output_dir(path: str | Path, key: str) -> None:
-    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
-    if probe == path:
-        try:
-            test = path / f".allconv-write-test-{os.getpid()}"
-            test.write_bytes(b"")
-            test.unlink()
-        except OSError as e:
-            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
-    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
-
-
-def _can_mkdir(parent: Path) -> bool:
-    test = parent / f".allconv-mkdir-test-{os.getpid()}"
-    try:
-        test.mkdir()
-        test.rmdir()
-        return True
-    except OSError:
-        return False
 
 
 def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:

@@ -106,6 +106,10 @@ def check(cfg: DictConfig) -> None:
     except ValueError as e:  # the builder's own one-line errors
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     build_datamodule(cfg).validate()
+    if cfg.logger.get("save_dir"):  # W&B's folder, when not the run's own: a read-only one is one line here
+        from allconv.files import check_output_dir
+
+        check_output_dir(cfg.logger.save_dir, "logger.save_dir")
     if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
         from allconv import checkpoint
 
