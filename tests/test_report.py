@@ -279,7 +279,7 @@ def test_table1_keeps_runs_apart_that_differ_only_in_the_cap(study, tmp_path):
 def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.30, val=0.31, max_update_norm=0.125)
-    plain = write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
+    write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
     for run in sweep.rglob("identity.json"):  # folders that record no settings: metrics.json says the cap
         run.unlink()
     text, _ = table.report([sweep], plot=False)
