@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from allconv import preprocessing, training, visualize
+from allconv import preprocessing, run_record, training, visualize
 from allconv.callbacks import AtomicCheckpointIO, CostEstimate
 from allconv.csv_logger import CSVLogger
 from allconv.data import DeviceLoader
@@ -143,7 +143,7 @@ def _check_checkpoint(path: Path, value: float) -> None:
 
 
 def _json(path: Path, value: float) -> None:
-    training.write_json(path, {"test_error": value})
+    run_record.write_json(path, {"test_error": value})
 
 
 def _check_json(path: Path, value: float) -> None:
