@@ -166,7 +166,7 @@ def _curve(path: Path, value: float) -> None:
     if not log.exists():
         log.parent.mkdir()
         log.write_text("epoch,step,train/acc,train/loss\n0,9,0.1,2.3\n1,19,0.2,2.1\n")
-    assert plot_run(path.parent, title=f"run {value}") == path
+    assert plot_run(log, path, title=f"run {value}") == path
 
 
 def _check_curve(path: Path, value: float) -> None:

@@ -303,7 +303,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             trainer.logger.save()
         title = f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}"
         try:
-            plot_run(folder, title=title)
+            plot_run(folder.metrics_csv, folder.learning_curve, title=title)
         except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
             what = e if isinstance(e, WriteError) else \
                 f"{folder.learning_curve} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
