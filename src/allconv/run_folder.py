@@ -341,20 +341,20 @@ def record(folder: RunFolder, identity: dict) -> dict:
         raise RunFolderError(f"{folder.path} holds a run whitened by another preprocessing fit than the one this "
                              f"command loaded (data.cache_dir holds another fit for these images); continue it with "
                              f"the cache it was trained with, or an empty data.cache_dir to fit again")
-    if recorded.get("format", 1) != rr.IDENTITY_FORMAT:
-        return {**identity, "settings": recorded["settings"]}  # an older record: kept as it is
-    return recorded
+    return recorded  # an older record (format 1) is kept as it is, and carried so by the checkpoint
 
 
-def recorded_precision(folder: RunFolder) -> str | None:
-    """The precision the run in folder trained in (None: a new run, or an older record that does not say)."""
+def recorded_precision(folder: RunFolder, cuda: bool) -> str | None:
+    """The precision the run in folder trains in (None: a new run). A record from before the precision was recorded
+    ran in what trainer.precision=auto meant then: bf16-mixed on CUDA, 32-true elsewhere."""
     for read in (folder.read_identity, folder.saved_identity):
         try:
             identity = read()
         except Exception:
             continue
-        if identity is not None and isinstance(identity.get("precision"), str):
-            return identity["precision"]
+        if identity is not None:
+            return identity["precision"] if isinstance(identity.get("precision"), str) else \
+                ("bf16-mixed" if cuda else "32-true")
     return None
 
 

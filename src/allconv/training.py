@@ -241,7 +241,8 @@ def run_precision(cfg: DictConfig, folder: RunFolder) -> str:
     """The precision the run trains in: a continuation keeps the one it was started in (trainer.precision=auto may
     mean another on this machine), a new run resolves auto on this machine."""
     resolved = trainer_kwargs(cfg).get("precision", "32-true")
-    kept = run_folder.recorded_precision(folder) if cfg.trainer.get("precision") == "auto" else None
+    cuda = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+    kept = run_folder.recorded_precision(folder, cuda) if cfg.trainer.get("precision") == "auto" else None
     if kept is not None and kept != resolved and not run_folder.is_secondary_rank():
         print(f"precision: {kept} kept from the run's record (trainer.precision=auto would be {resolved} here)",
               file=sys.stderr, flush=True)
