@@ -9,6 +9,7 @@ that is not an SQLite database or holds no study Optuna can read is one line, ne
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -97,6 +98,18 @@ def check_folder(sweep: Path) -> None:
     if head and head != SQLITE_HEADER:
         raise ConfigError(f"{db} is not an SQLite database (the study of this sweep); move it away or choose "
                           f"another hydra.sweep.dir")
+    if head:  # read-only: Optuna would add its tables to another program's database
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.Error as e:
+            raise ConfigError(f"{db} cannot be read as an Optuna study ({e}); move it away or choose another "
+                              f"hydra.sweep.dir") from None
+        if tables and not {"studies", "trials", "version_info"} <= tables:
+            raise ConfigError(f"{db} is an SQLite database without an Optuna study (tables: "
+                              f"{', '.join(sorted(tables)[:5])}); move it away or choose another hydra.sweep.dir")
 
 
 def open_study(sweep: Path, name: str):
@@ -104,14 +117,19 @@ def open_study(sweep: Path, name: str):
     read (damaged, another program's database, a study file of an Optuna with another schema)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.CRITICAL)  # the failure is the one line below, not its log
     try:
-        return optuna.create_study(storage=f"sqlite:///{sweep / DB}", study_name=name, direction="minimize",
-                                   load_if_exists=True)
+        study = optuna.create_study(storage=f"sqlite:///{sweep / DB}", study_name=name, direction="minimize",
+                                    load_if_exists=True)
+        study.get_trials(deepcopy=False)  # all it holds, read once here: a table of another program fails now
+        study.user_attrs  # noqa: B018
+        return study
     except Exception as e:  # SQLAlchemy's and Optuna's errors for a bad file have no common base
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"{sweep / DB} cannot be read as an Optuna study ({first}); move it away or choose "
                           f"another hydra.sweep.dir") from None
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def sampler(name: str, seed: int | None, kwargs: dict):

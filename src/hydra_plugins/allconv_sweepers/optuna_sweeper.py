@@ -29,6 +29,18 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _dotted(node, prefix: str = "") -> dict[str, str]:
+    """params as dotted keys: the preset writes `optim.lr: ...`, the command line's
+    hydra.sweeper.params.optim.lr=... arrives nested; the later wins, as overrides do."""
+    out: dict[str, str] = {}
+    for key, value in node.items():
+        if isinstance(value, (dict, DictConfig)):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name: str = "allconv", objective: str = "test_error", n_trials: int = 20,
                  n_jobs: int = 1, sampler: str = "tpe", seed: int | None = 0, sampler_kwargs: Any = None,
@@ -36,7 +48,7 @@ class OptunaSweeper(Sweeper):
         self.study_name, self.objective, self.n_trials, self.n_jobs = study_name, objective, n_trials, n_jobs
         self.sampler_name, self.seed = sampler, seed
         self.sampler_kwargs = dict(sampler_kwargs or {})
-        self.params = dict(params or {})
+        self.params = _dotted(params or {})
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context = None
