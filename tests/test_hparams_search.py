@@ -55,7 +55,7 @@ def relaunched(tmp_path_factory):
     first = {"trials": trials(sweep), "folders": folders(sweep), "metrics": snapshot(sweep)}
     rc, out, err = run_cli(*base, "hydra.sweeper.n_trials=5", cwd=tmp)
     assert rc == 0, err[-3000:]
-    return {"sweep": sweep, "first": first, "out": out, "err": err}
+    return {"sweep": sweep, "first": first, "out": out, "err": err, "args": base}
 
 
 @pytest.mark.system
@@ -110,6 +110,22 @@ def test_report_and_plot_of_the_study(relaunched, tmp_path):
     assert "5 run folders: 5 finished" in text and "| All-CNN-C |" in text
     assert report.main([str(sweep), "--curves", "--out", str(tmp_path)]) == 0  # one row per trial
     assert (tmp_path / "curves.md").read_text().count("(cap 0.125)") == 5
+
+
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_a_relaunch_with_other_settings_is_refused(relaunched):
+    """Trials of one study share its settings, by the rule a continued run follows: other epochs are refused,
+    another progress bar is not a difference."""
+    sweep = relaunched["sweep"]
+    before = (sweep / "optuna.db").read_bytes(), snapshot(sweep)
+    rc, out, err = run_cli(*relaunched["args"], "hydra.sweeper.n_trials=5", "trainer.max_epochs=2", cwd=sweep.parent)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert "was started with other settings (trainer.max_epochs 1 vs 2)" in err
+    assert ((sweep / "optuna.db").read_bytes(), snapshot(sweep)) == before
+    rc, out, err = run_cli(*relaunched["args"], "hydra.sweeper.n_trials=5", "callbacks.progress_bar=tqdm",
+                           cwd=sweep.parent)
+    assert rc == 0 and "trial" not in err.replace("complete trials", ""), err[-3000:]  # nothing to train
 
 
 @pytest.mark.system
@@ -208,3 +224,4 @@ def test_another_search_space_on_the_same_study_is_refused(run_entry, tmp_path):
     code, out, err = run_entry("-m", *TINY, f"data.path={data}", f"hydra.sweep.dir={sweep}")
     assert code == 2 and "was started with space" in err and len(err.strip().splitlines()) == 1, err
     assert not (sweep / "multirun.yaml").exists()
+

@@ -10,6 +10,7 @@ per folder (a lock on it). A job that fails is a FAIL trial; the sweep then ends
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -97,12 +98,17 @@ class OptunaSweeper(Sweeper):
         from allconv.schema import validate
 
         pre = OmegaConf.select(self.config, "hydra.callbacks.preflight")
+        self.settings = None
         for point in search.bounds(space):
             job = self.hydra_context.config_loader.load_sweep_config(
                 self.config, fixed + [search.as_override(k, v) for k, v in point.items()])
             if pre is not None:
                 validate(job, get_class(pre.schema))
                 get_method(pre.check)(job)
+            if self.settings is None:  # what every trial shares: the study's settings (_same_study)
+                from allconv.run_folder import settings
+
+                self.settings = {k: v for k, v in settings(job).items() if k not in space}
             if self.objective == "val_error" and not OmegaConf.select(job, "data.val_size"):
                 raise ConfigError("hydra.sweeper.objective=val_error needs a validation split: set data.val_size > 0 "
                                   "(or objective=test_error)")
@@ -146,18 +152,33 @@ class OptunaSweeper(Sweeper):
         return None if self.seed is None else int(self.seed) + len(study.get_trials(deepcopy=False))
 
     def _same_study(self, study, space: dict) -> None:
-        """A relaunch searches the space and minimises the objective the study was started with."""
-        mine = {"space": search.space_json(space), "objective": self.objective}
+        """A relaunch searches the space and minimises the objective the study was started with, and its trials
+        share the study's settings by the rule a continued run follows (run_folder.differences: only where the data
+        lives, how a run is watched; trainer.max_epochs too must be equal), so its values stay comparable."""
+        from allconv.run_folder import differences
+
+        mine = {"space": search.space_json(space), "objective": self.objective,
+                "settings": json.dumps(self.settings, sort_keys=True, default=str)}
         held = study.user_attrs
         if not held:
             for k, v in mine.items():
                 study.set_user_attr(k, v)
             return
-        for key, value in mine.items():
-            if held.get(key) != value:
-                raise ConfigError(f"the study {self.study_name!r} in {self.config.hydra.sweep.dir} was started with "
-                                  f"{key} {held.get(key)}, this launch gives {value}; relaunch it with its own, or "
-                                  f"choose another hydra.sweep.dir")
+        where = f"the study {self.study_name!r} in {self.config.hydra.sweep.dir}"
+        for key in ("space", "objective"):
+            if held.get(key) != mine[key]:
+                raise ConfigError(f"{where} was started with {key} {held.get(key)}, this launch gives {mine[key]}; "
+                                  f"relaunch it with its own, or choose another hydra.sweep.dir")
+        try:
+            recorded = json.loads(held.get("settings", "{}"))
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"{where} holds no readable settings; choose another hydra.sweep.dir")
+        diff = differences(recorded, json.loads(mine["settings"]), extend=False)
+        if diff:
+            raise ConfigError(f"{where} was started with other settings ({'; '.join(diff[:3])}); its trials share "
+                              f"them: relaunch it with its own, or choose another hydra.sweep.dir")
 
     def _run(self, study, space: dict, fixed: list[str], sweep: Path) -> list:
         from optuna.trial import TrialState
