@@ -172,7 +172,8 @@ def plot(study, objective: str, path: Path) -> None:
         xs = [t.params[key] for t in done if key in t.params]
         ys = [t.value for t in done if key in t.params]
         if isinstance(dist, (FloatDistribution, IntDistribution)):
-            ax.scatter(xs, ys, c=[t.number for t in done if key in t.params], cmap="viridis")
+            points = ax.scatter(xs, ys, c=[t.number for t in done if key in t.params], cmap="viridis")
+            fig.colorbar(points, ax=ax, label="trial")
             if dist.log:
                 ax.set_xscale("log")
         else:

@@ -187,6 +187,11 @@ class OptunaSweeper(Sweeper):
         returns, failed = [], []
         # Trials a kill left RUNNING: again, with their own parameters and number (their folder's last.ckpt).
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in [t for t in stale if set(t.params) != set(space)]:  # killed between ask() and its parameters
+            study.tell(t.number, state=TrialState.FAIL)
+            print(f"optuna: trial {t.number} was stopped before its parameters were drawn; marked FAIL",
+                  file=sys.stderr, flush=True)
+        stale = [t for t in stale if set(t.params) == set(space)]
         if stale:
             print(f"optuna: continuing {len(stale)} interrupted trial(s): "
                   f"{', '.join(str(t.number) for t in stale)}", file=sys.stderr, flush=True)
