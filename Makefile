@@ -33,7 +33,7 @@ data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS
 train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, about 6 min on 2 cores)
 	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
 
-test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s); the end-to-end runs are make test-system
+test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s; the 10 slowest listed); the end-to-end runs are make test-system
 	$(BIN)/python -m pytest -q -n 2 --durations=10 $(ARGS)
 
 test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile (about 3 min)

@@ -67,6 +67,7 @@ def test_early_stopping_stops_the_fit(tmp_path):
     data = write_npz(tmp_path / "data.npz", n_train=128, n_test=32)
     run = tmp_path / "run"
     rc, out, err = run_cli(*TINY, "model.width=0.05", "data=npz", f"data.path={data}", "data.val_size=32",
+                           "data.preprocess=standardize",
                            "trainer.max_epochs=6", "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
                            "callbacks.early_stopping.min_delta=1.0", "logger=none", f"hydra.run.dir={run}",
                            cwd=tmp_path)
@@ -86,6 +87,7 @@ def test_ddp_sim_runs_two_ranks(tmp_path):
     data = write_npz(tmp_path / "data.npz", n_train=128, n_test=32)
     run = tmp_path / "run"
     rc, out, err = run_cli(*TINY, "trainer=ddp_sim", "data=npz", f"data.path={data}", "data.batch_size=32",
+                           "data.preprocess=standardize",
                            "logger=none", f"hydra.run.dir={run}", cwd=tmp_path)
     assert rc == 0, err[-3000:]
     ddp = json.loads((run / "metrics.json").read_text())["ddp"]
