@@ -345,6 +345,10 @@ def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
         cbs.append(RichProgressBar(refresh_rate=refresh, leave=True))
     elif c.progress_bar == "tqdm":
         cbs.append(TQDMProgressBar(refresh_rate=refresh))
+    if c.get("early_stopping"):  # off the paper's recipe: conf/callbacks/early_stopping.yaml
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        cbs.append(EarlyStopping(mode="min", check_on_train_epoch_end=False, **c.early_stopping))
     if c.get("guided_backprop") and c.guided_backprop.get("every_n_epochs"):
         from allconv.visualize_callback import GuidedBackpropGrid
 

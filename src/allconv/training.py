@@ -33,6 +33,8 @@ def check_config(cfg: DictConfig) -> None:
     """The values (allconv.schema), the trainer on this machine, the model's knobs and layer names."""
     schema.validate(cfg, schema.TrainConfig)
     check_trainer(cfg)
+    if cfg.callbacks.get("early_stopping") and not cfg.data.get("val_size"):
+        raise ConfigError("callbacks=early_stopping watches val/error: it needs a validation split, data.val_size > 0")
     with torch.device("meta"):  # the builder checks the model knobs; meta: no memory, no init compute
         net = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes)
     gb = cfg.callbacks.get("guided_backprop")
