@@ -247,19 +247,23 @@ class OptunaSweeper(Sweeper):
 
     def _value(self, r: JobReturn) -> tuple[float | None, str]:
         """The objective from the trial's metrics.json (the job's own record), or None and why not."""
-        from allconv import run_folder
+        from allconv import run_record
+        from allconv.run_folder import RunFolder
 
         if r.status != JobStatus.COMPLETED:
-            return None, f"{type(r._return_value).__name__}: {r._return_value}"
+            try:
+                _ = r.return_value  # a failed job's return_value raises what the job raised
+            except Exception as e:
+                return None, f"{type(e).__name__}: {e}"
+            return None, f"job {r.status.name.lower()}"
         out = OmegaConf.select(r.hydra_cfg, "hydra.runtime.output_dir") if r.hydra_cfg is not None else None
-        folder = Path(str(out)) if out else None
         try:
-            metrics = run_folder.read_json(folder / run_folder.METRICS) if folder else None
+            metrics = RunFolder(str(out)).outcome() if out else None
         except AllConvError as e:
             return None, str(e)
         if not isinstance(metrics, dict):
             return None, "no metrics.json"
-        if metrics.get("status") != "ok":
+        if run_record.status_of(metrics) != run_record.FINISHED:
             return None, str(metrics.get("error") or f"status {metrics.get('status')}")[:200]
         value = metrics.get(self.objective)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
