@@ -177,7 +177,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.Trainer:
-    from allconv.callbacks import AtomicCheckpointIO
+    from allconv.callbacks import AtomicCheckpointIO, cluster_plugins
 
     kwargs = trainer_kwargs(cfg)
     if cfg.callbacks.get("progress_bar") == "none":
@@ -188,7 +188,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.
         profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
         kwargs["profiler"] = profiler(dirpath=str(run_dir), filename="profiler")
     return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
