@@ -69,3 +69,19 @@ def test_the_plugin_runs_the_job_with_the_cluster_s_overrides_added(monkeypatch,
 @pytest.mark.parametrize("text", ["plain", "it's", "back\\slash", "a\\'b", "end\\", "[%(name)s] - x,y:z {}"])
 def test_override_values_compose_back_to_the_same_string(text):
     assert composed(f"++hydra.job.env_set.X={override_value(text)}").hydra.job.env_set.X == text
+
+
+@pytest.mark.parametrize("name", ["lightning", "hydra-core", "hydra-submitit-launcher", "submitit"])
+def test_libraries_whose_behaviour_is_relied_on_are_pinned_to_the_tested_range(name):
+    """pyproject.toml bounds each from above, and the installed version (the one these tests ran) is inside."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    from conftest import REPO
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pinned = {Requirement(d).name: Requirement(d).specifier
+              for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert any(s.operator in ("<", "<=", "==", "~=") for s in pinned[name]), f"{name}: no upper bound"
+    assert version(name) in pinned[name], (name, version(name), str(pinned[name]))
