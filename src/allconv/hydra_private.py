@@ -5,8 +5,8 @@ called by run_job) and the sweep's `multirun.yaml` (the basic sweeper's OmegaCon
 through a symbolic link (a resumed run truncated a file outside its folder) and in place (a kill leaves half a
 file, which the next relaunch reads as the run's config). install() makes both go through files.write_atomic:
 the whole file or nothing, a link at the name replaced, never followed; a `.hydra` folder that is a link is
-replaced by a real folder (the folder it pointed to is left as it was). Called when allconv.cli is imported,
-which every process that runs a job does (the entry points; a launcher's worker unpickling the pre-flight
+replaced by a real folder (the folder it pointed to is left as it was). Called by allconv.cli.setup(), which
+every process that runs a job calls (the entry points; a launcher's worker unpickling the pre-flight
 callback), and again by the pre-flight before a sweep starts: Hydra's plugin scan executes the sweeper's
 module anew, which restores its own OmegaConf there. tests/test_run_folder_model.py fails when Hydra renames
 these names; pyproject.toml pins hydra-core to the range tested (1.3.x).
