@@ -26,17 +26,26 @@ from allconv.errors import AllConvError, ConfigError, Interrupted, NonFiniteLoss
 from allconv.files import check_output_dir
 from allconv.run_folder import RunFolder
 
-sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop), and Hydra's note
+# that conf/hydra/launcher/submitit_slurm.yaml, which takes the plugin's name on purpose (the documented command
+# gets allconv's launcher), is checked against the plugin's schema.
+IGNORED_WARNINGS = (
+    ".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
+    ".*does not have many workers.*", ".*exists and is not empty.*", ".*is not supported by the model summary.*",
+    ".*The `srun` command is available on your system but is not used.*",  # jobs go through submitit
+    r"(?s).*is validated against ConfigStore schema with the same name",
+)
 
-# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
-for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
-                 ".*does not have many workers.*", ".*exists and is not empty.*",
-                 ".*is not supported by the model summary.*",
-                 ".*The `srun` command is available on your system but is not used.*"):  # jobs go through submitit
-    warnings.filterwarnings("ignore", message=_pattern)
-# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name on purpose (the documented command gets
-# allconv's launcher); Hydra checks it against the plugin's schema and warns that it does so.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+def setup() -> None:
+    """What a process needs before it composes or runs an allconv job; importing allconv changes nothing.
+
+    Called first by each entry point in src/ (so also by the DDP ranks they start) and by a launcher's worker
+    process when it unpickles the pre-flight callback (Preflight.__setstate__). Calling it again changes nothing.
+    """
+    sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -133,6 +142,11 @@ class Preflight(Callback):
         self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
         self.folders: dict[int, Path] | None = None  # the jobs' folders of this launch (multirun)
         self.sweep: Path | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """A launcher's worker process (joblib, submitit) unpickles this before it composes and runs its jobs."""
+        self.__dict__.update(state)
+        setup()
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:

@@ -96,9 +96,10 @@ def _jobs_run_elsewhere(cfg: DictConfig) -> bool:
     if not target:
         return False
     from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-    return issubclass(get_class(target), BaseSubmititLauncher)
+    # by name: Hydra's plugin scan executes the submitit plugin's module again, so its classes are new objects
+    return any(f"{c.__module__}.{c.__qualname__}" == "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+               "BaseSubmititLauncher" for c in get_class(target).__mro__)
 
 
 def check(cfg: DictConfig) -> None:
@@ -182,7 +183,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, precision: str) -> L.Trainer:
-    from allconv.callbacks import AtomicCheckpointIO
+    from allconv.callbacks import AtomicCheckpointIO, cluster_plugins
 
     kwargs = {**trainer_kwargs(cfg), "precision": precision}
     if cfg.callbacks.get("progress_bar") == "none":
@@ -193,7 +194,7 @@ def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, p
         profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
         kwargs["profiler"] = profiler(dirpath=str(folder.path), filename=folder.profiler_name)
     return L.Trainer(default_root_dir=str(folder.path), callbacks=callbacks, logger=logger,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
