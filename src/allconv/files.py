@@ -166,7 +166,9 @@ def lock(fd: int, path: str | Path, *, blocking: bool, guards: str) -> bool:
         raise
     except OSError as e:
         if e.errno not in LOCKLESS:  # EINVAL, EIO, ...: the filesystem refused the lock itself
-            raise WriteError(f"cannot lock {path}: {reason(e)}") from None
+            refused = WriteError(f"cannot lock {path}: {reason(e)}")
+            refused.errno = e.errno  # what the system said, for a caller that asks
+            raise refused from None
         if str(path) not in _warned_lockless:
             _warned_lockless.add(str(path))
             print(f"warning: cannot lock {path}: {reason(e)}; {guards}", file=sys.stderr, flush=True)

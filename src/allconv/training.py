@@ -182,10 +182,12 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return {k: v for k, v in t.items() if v is not None}
 
 
-def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, precision: str) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger, precision: str | None = None) -> L.Trainer:
+    """The Trainer of a run in run_dir; precision: the run's own (run_precision), else trainer.precision resolved."""
     from allconv.callbacks import AtomicCheckpointIO, cluster_plugins
 
-    kwargs = {**trainer_kwargs(cfg), "precision": precision}
+    folder = RunFolder(run_dir)
+    kwargs = {**trainer_kwargs(cfg), **({"precision": precision} if precision else {})}
     if cfg.callbacks.get("progress_bar") == "none":
         kwargs["enable_progress_bar"] = False  # else Lightning adds its own bar
     if kwargs.get("profiler") in schema.PROFILERS:  # Lightning's own, from the name, writes its table nowhere
@@ -270,7 +272,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         record = run_folder.record(folder, identity(cfg, dm, precision))
     clock = FitClock()
     callbacks = build_callbacks(cfg, folder) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
-    trainer = build_trainer(cfg, folder, callbacks, build_logger(cfg, run_dir), precision)
+    trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir), precision)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
