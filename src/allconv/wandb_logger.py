@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
@@ -75,8 +76,12 @@ class RunLogger(QuietWandbLogger):
         self.folder = RunFolder(run_dir) if run_dir is not None else None
         self._csv = CSVLogger(str(run_dir), name=self.folder.csv.name, version="") if run_dir is not None else None
 
+    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step)
+        if step is None or self._wandb_init.get("sync_tensorboard"):
+            super().log_metrics(metrics, step)
+        else:  # W&B's own step is the trainer's: a continuation's rows follow its first launch's, never from 0
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
         numbers_only = {k: v for k, v in metrics.items() if _is_number(v)}  # an image is W&B's alone
         if self._csv is not None and numbers_only:
             self._csv.log_metrics(numbers_only, step)
@@ -120,7 +125,7 @@ def run_id(folder: RunFolder) -> str:
     A new run takes the id a `wandb agent` handed it (WANDB_RUN_ID), else a fresh one. The file is read as
     untrusted data: anything but a plain file holding one valid id is a RunFolderError naming it.
     """
-    import wandb
+    from wandb.sdk.lib.runid import generate_id  # what wandb.init itself draws a new run's id with
 
     from allconv import run_record as rr
     from allconv.errors import RunFolderError
@@ -134,7 +139,7 @@ def run_id(folder: RunFolder) -> str:
                                  f"_ or -); delete it to give the run a new W&B run")
         return text
     new = os.environ.get("WANDB_RUN_ID") or ""
-    new = new if RUN_ID.fullmatch(new) else wandb.util.generate_id()
+    new = new if RUN_ID.fullmatch(new) else generate_id()
     from allconv.run_folder import is_secondary_rank
 
     if not is_secondary_rank():  # rank 0 logs; the other ranks never start a W&B run
