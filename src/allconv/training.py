@@ -336,9 +336,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     }
     stopped = stopped_by(cfg, trainer)
     if stopped:  # finished, by a limit of its own settings: fewer epochs than trainer.max_epochs
-        metrics.update(stopped_by=stopped, max_epochs=trainer.max_epochs)
-        print(f"stopped by {stopped} after {trainer.current_epoch} of {trainer.max_epochs} epochs "
-              f"(global step {trainer.global_step})", file=sys.stderr, flush=True)
+        # Lightning counts an epoch stopped part-way by max_steps as done (current_epoch, `epochs`), one stopped by
+        # max_time not: here the whole ones, from the batches trained
+        per_epoch = trainer.num_training_batches
+        done = trainer.current_epoch if not 0 < per_epoch < math.inf else \
+            min(trainer.current_epoch, trainer.global_step * trainer.accumulate_grad_batches // per_epoch)
+        metrics.update(stopped_by=stopped, epochs_completed=done, max_epochs=trainer.max_epochs)
+        print(f"stopped by {stopped} after {done} of {trainer.max_epochs} epochs (global step {trainer.global_step})",
+              file=sys.stderr, flush=True)
     if val_error is not None:
         metrics["val_error"] = float(val_error)
     spread = float(trainer.callback_metrics["test/score_spread"])

@@ -63,7 +63,7 @@ class Run:
         by, m = self.metrics.get("stopped_by"), self.metrics
         if self.status != rr.FINISHED or not isinstance(by, str):
             return ""
-        return f"stopped by {by[:80]} after {_g(m.get('epochs'))} of {_g(m.get('max_epochs'))} epochs"
+        return f"stopped by {by[:80]} after {_g(m.get('epochs_completed'))} of {_g(m.get('max_epochs'))} epochs"
 
     @property
     def network(self) -> str:
