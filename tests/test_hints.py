@@ -14,6 +14,8 @@ CASES = [
     (["trainer.max_steps=3"], "error: Could not override 'trainer.max_steps': Key 'max_steps' is not in struct "
                               "(add it with +trainer.max_steps=<value>)"),
     (["nope=1"], "error: Could not override 'nope': Key 'nope' is not in struct (not a setting of allconv)"),
+    (["optim.lrr=0.1"], "error: Could not override 'optim.lrr': Key 'lrr' is not in struct (not a setting of allconv; "
+                        "did you mean optim.lr?)"),
     (["model.nope=1"], "error: Could not override 'model.nope': Key 'nope' is not in struct "
                        "(not a setting of allconv)"),
 ]

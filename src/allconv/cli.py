@@ -67,11 +67,18 @@ INSTEAD = {
 INSTEAD["trainer.gradient_clip_algorithm"] = INSTEAD["trainer.gradient_clip_val"]
 
 
-def _declared(key: str) -> bool:
-    """key is declared by a config schema (allconv.schema): `+key=value` composes and is then checked there."""
+def _declared_keys() -> set[str]:
+    """The keys a config schema declares (allconv.schema): `+key=value` on one composes and is then checked there."""
     from allconv import schema
 
-    return any(key in schema.declared(s) for s in (schema.TrainConfig, schema.EvalConfig, schema.VisualizeConfig))
+    return set().union(*(schema.declared(s) for s in (schema.TrainConfig, schema.EvalConfig, schema.VisualizeConfig)))
+
+
+def _not_declared(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(_declared_keys()), n=1, cutoff=0.8)
+    return f"not a setting of allconv{f'; did you mean {close[0]}?' if close else ''}"
 
 
 def _quoted(pattern: str, text: str) -> str:
@@ -97,7 +104,7 @@ def _one_line(e: Exception) -> str:
         if key in INSTEAD:
             return f"{key}: not a setting of allconv; {INSTEAD[key]}"
         cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ and str(e.__cause__).strip() else ""
-        hint = f"add it with +{key}=<value>" if key and _declared(key) else "not a setting of allconv"
+        hint = f"add it with +{key}=<value>" if key and key in _declared_keys() else _not_declared(key)
         return f"{first.rstrip('.')}: {cause or 'no such key'} ({hint})"
     return first
 
