@@ -143,11 +143,29 @@ def _session_cache_env(shared_cache_dir):
         os.environ["ALLCONV_CACHE"] = before
 
 
-def pytest_collection_modifyitems(items):
-    """Tests that launch the CLI through the run_train fixture are `subprocess` tests, marked or not."""
+OFF_BY_DEFAULT = ("slow", "slurm", "system")  # long or needing a cluster: make test-system, test-slow, test-slurm
+
+
+def named_tests(config) -> bool:
+    """The command names test files or node ids (tests/test_resume.py, tests/test_resume.py::test_x), not only
+    folders: the user asked for exactly those tests."""
+    return any("::" in arg or arg.split("::")[0].endswith(".py") for arg in config.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that launch the CLI through the run_train fixture are `subprocess` tests, marked or not.
+
+    `pytest` alone leaves out the slow, slurm and system tests; `-m <expr>` or a test file or node id on the
+    command line is the user's own choice and runs as given."""
     for item in items:
         if "run_train" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("subprocess"):
             item.add_marker(pytest.mark.subprocess)
+    if config.option.markexpr or named_tests(config):
+        return
+    off = [item for item in items if any(item.get_closest_marker(m) for m in OFF_BY_DEFAULT)]
+    if off:
+        config.hook.pytest_deselected(items=off)
+        items[:] = [item for item in items if item not in off]
 
 
 # Overrides for a tiny, quiet CPU run: width 0.125, one epoch, no bars, no figures, no config tree.

@@ -138,7 +138,8 @@ def test_read_epochs_and_plot_run_skip_what_is_not_a_finite_number(tmp_path):
     log.write_bytes(b"epoch,step,lr,train/loss\n0,9,0.05,2.0\nx,19,0.05,1.5\n1,19,abc,nan\n1.5,20,0.1,1.0\n"
                     b"2,29,1e999,\0\n-1,30,0.1,1.0\n3,39," + b"9" * 400 + b",0.5\n\xff,\xfe\n")
     assert learning_curve.read_epochs(log) == {"lr": {0: 0.05}, "train/loss": {0: 2.0, 3: 0.5}}
-    assert learning_curve.plot_run(tmp_path) == tmp_path / "learning_curve.png"
+    assert learning_curve.plot_run(tmp_path / "csv" / "metrics.csv", tmp_path / "learning_curve.png") == \
+        tmp_path / "learning_curve.png"
 
 
 @pytest.mark.timeout(120)  # before the fix: opening the FIFO waited for a writer for good

@@ -237,7 +237,7 @@ def test_a_fifo_in_the_record_is_refused_without_hanging(made, tmp_path):
     os.mkfifo(run / "identity.json")
     code, err = invoke(f"resume={run}", cwd=made)
     assert code == 2
-    assert f"{run / 'identity.json'} is a FIFO, not a regular file" in only_line(err)
+    assert only_line(err).startswith(f"error: {run / 'identity.json'} is a FIFO, not a plain file")
     os.mkfifo(run / "metrics.json")
     assert RunFolder(run).state() == "interrupted"  # a FIFO is no result, and reading it does not block
 

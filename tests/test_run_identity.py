@@ -360,3 +360,20 @@ def test_the_whitening_cache_writes_no_file_through_a_link(tmp_path):
     (cache / "zca-k.pt").symlink_to(victim)
     preprocessing.fit_zca_cached(x, "k", cache)
     assert victim.read_bytes() == b"precious" and not (cache / "zca-k.pt").is_symlink()
+
+
+def test_a_run_continued_after_its_last_epoch_still_draws_its_pictures(made, tmp_path):
+    """A full disk at the run's very end (its grid and filters not written, metrics.json says failed): continued,
+    it trains nothing more, and its pictures are drawn from the checkpoint's network."""
+    run = tmp_path / "run"
+    args = [*RUN, "data.preprocess=standardize", "callbacks.guided_backprop.every_n_epochs=10"]
+    code, err = invoke(*args, f"hydra.run.dir={run}", cwd=made)
+    assert code == 0, err[-3000:]
+    shutil.rmtree(run / "guided_backprop")
+    shutil.rmtree(run / "filters")
+    (run / "metrics.json").write_text(json.dumps({"status": "failed", "error": "cannot write …: No space left"}))
+    assert RunFolder(run).state() == "failed"
+    code, err = invoke(f"resume={run}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert [p.name for p in (run / "guided_backprop").iterdir()] == ["epoch_001.png"]
+    assert any((run / "filters").iterdir()) and RunFolder(run).state() == "finished"

@@ -48,7 +48,7 @@ def _duration(seconds: float) -> str:
 # SIGTERM: a scheduler's stop (SLURM's preemption, `scontrol requeue`, the time limit); SIGINT: Ctrl+C; SIGUSR2:
 # submitit's time-limit/preemption signal (hydra_plugins.allconv_launchers' SlurmLauncher then lets submitit
 # requeue the job); SIGUSR1: Lightning's SLURM requeue signal, whose own handler saves from inside a step
-# (see Preemption.setup).
+# (see cluster_plugins).
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -73,7 +73,7 @@ class Preemption(L.Callback):
     The USR signals take the same route, so every preemption signal of SLURM and submitit stops at a step
     boundary with one checkpoint. Lightning's own SLURM auto-requeue (SIGUSR1: save hpc_ckpt_<n>.ckpt from
     inside the signal handler, one step short of where the run stops, then `scontrol requeue`) is switched
-    off in setup(), before Lightning registers its handlers.
+    off by the trainer's cluster environment (cluster_plugins).
 
     Under DDP the ranks decide together. Lightning only shares rank 0's flag at the start of a step; its
     checks after a step and at an epoch's end read each rank's own flag, so a rank signalled there (or one
@@ -162,11 +162,6 @@ class Preemption(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng = state_dict.get("rng")
-
-    def setup(self, trainer, pl_module, stage):
-        from allconv.lightning_private import disable_slurm_auto_requeue
-
-        disable_slurm_auto_requeue(trainer)
 
     def on_train_start(self, trainer, pl_module):
         import torch
@@ -331,6 +326,20 @@ class RunIdentity(L.Callback):
         pass
 
 
+def cluster_plugins() -> list:
+    """The trainer's cluster environment where Lightning would pick SLURM's: SLURMEnvironment(auto_requeue=False).
+
+    With auto_requeue=True, Lightning's default under SLURM, SIGUSR1 saves hpc_ckpt_<n>.ckpt from inside its signal
+    handler (mid-step: the resumed run ends one step short of an uninterrupted one) and requeues; Preemption handles
+    SIGUSR1 like SIGTERM instead. Elsewhere (torchrun first, as Lightning checks it first) Lightning picks its own.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
 def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
     cbs: list[L.Callback] = [Preemption(folder.path), CostEstimate()]
     c = cfg.callbacks
@@ -345,6 +354,10 @@ def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
         cbs.append(RichProgressBar(refresh_rate=refresh, leave=True))
     elif c.progress_bar == "tqdm":
         cbs.append(TQDMProgressBar(refresh_rate=refresh))
+    if c.get("early_stopping"):  # off the paper's recipe: conf/callbacks/early_stopping.yaml
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        cbs.append(EarlyStopping(mode="min", check_on_train_epoch_end=False, **c.early_stopping))
     if c.get("guided_backprop") and c.guided_backprop.get("every_n_epochs"):
         from allconv.visualize_callback import GuidedBackpropGrid
 

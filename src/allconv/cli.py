@@ -23,19 +23,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv import run_folder, run_record, sweep_folder
 from allconv.errors import AllConvError, ConfigError, Interrupted, NonFiniteLossError, ResumeError, RunFolderError
+from allconv.files import check_output_dir
 from allconv.run_folder import RunFolder
 
-sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop), and Hydra's note
+# that conf/hydra/launcher/submitit_slurm.yaml, which takes the plugin's name on purpose (the documented command
+# gets allconv's launcher), is checked against the plugin's schema.
+IGNORED_WARNINGS = (
+    ".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
+    ".*does not have many workers.*", ".*exists and is not empty.*", ".*is not supported by the model summary.*",
+    ".*The `srun` command is available on your system but is not used.*",  # jobs go through submitit
+    r"(?s).*is validated against ConfigStore schema with the same name",
+)
 
-# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
-for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
-                 ".*does not have many workers.*", ".*exists and is not empty.*",
-                 ".*is not supported by the model summary.*",
-                 ".*The `srun` command is available on your system but is not used.*"):  # jobs go through submitit
-    warnings.filterwarnings("ignore", message=_pattern)
-# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name on purpose (the documented command gets
-# allconv's launcher); Hydra checks it against the plugin's schema and warns that it does so.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+def setup() -> None:
+    """What a process needs before it composes or runs an allconv job; importing allconv changes nothing.
+
+    Called first by each entry point in src/ (so also by the DDP ranks they start) and by a launcher's worker
+    process when it unpickles the pre-flight callback (Preflight.__setstate__). Calling it again changes nothing.
+    """
+    sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -131,35 +141,6 @@ def main(hydra_main: Callable[[], object]) -> None:
         fail(_one_line(e), 2)
 
 
-def check_output_dir(path: str | Path, key: str) -> None:
-    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
-    if probe == path:
-        try:
-            test = path / f".allconv-write-test-{os.getpid()}"
-            test.write_bytes(b"")
-            test.unlink()
-        except OSError as e:
-            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
-    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
-
-
-def _can_mkdir(parent: Path) -> bool:
-    test = parent / f".allconv-mkdir-test-{os.getpid()}"
-    try:
-        test.mkdir()
-        test.rmdir()
-        return True
-    except OSError:
-        return False
-
-
 def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:
     """The composed config of every job of a multirun, as the launcher will compose it.
 
@@ -204,6 +185,11 @@ class Preflight(Callback):
         self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
         self.folders: dict[int, Path] | None = None  # the jobs' folders of this launch (multirun)
         self.sweep: Path | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """A launcher's worker process (joblib, submitit) unpickles this before it composes and runs its jobs."""
+        self.__dict__.update(state)
+        setup()
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from allconv.errors import WriteError
+from allconv.errors import ConfigError, WriteError
 
 
 def reason(e: OSError) -> str:
@@ -188,3 +188,32 @@ def figure_bytes(fig, **savefig_kwargs) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, **{"format": "png", **savefig_kwargs})
     return buf.getvalue()
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
+    if probe == path:
+        try:
+            test = path / f".allconv-write-test-{os.getpid()}"
+            test.write_bytes(b"")
+            test.unlink()
+        except OSError as e:
+            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
+    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
+
+
+def _can_mkdir(parent: Path) -> bool:
+    test = parent / f".allconv-mkdir-test-{os.getpid()}"
+    try:
+        test.mkdir()
+        test.rmdir()
+        return True
+    except OSError:
+        return False

@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from allconv.files import figure_bytes, read_regular, write_atomic
-from allconv.run_folder import RunFolder
 
 # A metrics log holds a few rows per epoch (about 100 kB for 350 epochs); more is not one of this project's.
 MAX_CSV_BYTES = 64 << 20
@@ -76,10 +75,8 @@ def read_epochs(metrics_csv: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def plot_run(run_dir: str | Path | RunFolder, title: str | None = None) -> Path | None:
-    """Write the run folder's learning_curve.png; None when the run has no CSV metrics."""
-    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
-    metrics_csv = folder.metrics_csv
+def plot_run(metrics_csv: Path, png: Path, title: str | None = None) -> Path | None:
+    """Draw a run's learning curve from its CSV log into png; None when there is no log."""
     if not metrics_csv.is_file():
         return None
     import matplotlib
@@ -116,7 +113,7 @@ def plot_run(run_dir: str | Path | RunFolder, title: str | None = None) -> Path 
         fig.suptitle(title)
     fig.tight_layout()
     try:  # rendered in memory, written whole (a full disk is a WriteError naming the file)
-        return write_atomic(folder.learning_curve, figure_bytes(fig, dpi=120))
+        return write_atomic(png, figure_bytes(fig, dpi=120))
     finally:
         plt.close(fig)
 
@@ -124,10 +121,11 @@ def plot_run(run_dir: str | Path | RunFolder, title: str | None = None) -> Path 
 if __name__ == "__main__":
     from allconv.errors import AllConvError
     from allconv.files import NotRegularFile, reason
+    from allconv.run_folder import RunFolder  # the command's layer: the drawing above takes plain paths
 
     try:
         for d in sys.argv[1:]:
-            print(plot_run(d))
+            print(plot_run(RunFolder(d).metrics_csv, RunFolder(d).learning_curve))
     except AllConvError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -2,14 +2,8 @@
 
 A folder holds a run of this project when it holds the project's record (allconv.run_record): identity.json,
 checkpoints/ or metrics.json. Anything else in it (a log, notes, an empty folder Hydra made) is the user's: it
-does not make the folder a run and is never touched. Its state is one of run_record's words:
-
-    new          no record: a new run may start here
-    started      identity.json, no checkpoint, no result: its own command starts it again here
-    interrupted  checkpoints/last.ckpt and no result, or a result that says so: it continues from the checkpoint
-    failed       an error of the machine or the folder (a full disk): its own command continues it
-    diverged     the loss became NaN or inf: the run's result, never continued
-    finished     metrics.json complete: never written again by anything
+does not make the folder a run and is never touched. Its state is one of run_record's words (new, started,
+interrupted, failed, diverged, finished).
 
 Everything that continues a run — `resume=`, the long form with ckpt_path, a relaunched sweep, a requeued job —
 asks continuation_errors(): the command's resolved settings are held against identity.json AND against the
@@ -269,15 +263,6 @@ def declared_keys() -> set[str]:
     return schema.declared(schema.TrainConfig)
 
 
-def recorded_settings(folder: RunFolder, cfg: DictConfig) -> tuple[dict | None, dict]:
-    """(the settings identity.json records, this command's settings in the same form): format 2 records them
-    resolved, format 1 as written."""
-    identity = folder.read_identity()
-    if identity is None:
-        return None, settings(cfg)
-    return identity["settings"], settings(cfg, resolve=identity.get("format", 1) == rr.IDENTITY_FORMAT)
-
-
 def continuation_errors(folder: RunFolder, cfg: DictConfig, extend: bool = True) -> list[str]:
     """Why cfg may not continue the run in folder ([] if it may): held against identity.json, against the
     checkpoint's saved settings, and the two against each other."""
@@ -357,20 +342,20 @@ def record(folder: RunFolder, identity: dict) -> dict:
         raise RunFolderError(f"{folder.path} holds a run whitened by another preprocessing fit than the one this "
                              f"command loaded (data.cache_dir holds another fit for these images); continue it with "
                              f"the cache it was trained with, or an empty data.cache_dir to fit again")
-    if recorded.get("format", 1) != rr.IDENTITY_FORMAT:
-        return {**identity, "settings": recorded["settings"]}  # an older record: kept as it is
-    return recorded
+    return recorded  # an older record (format 1) is kept as it is, and carried so by the checkpoint
 
 
-def recorded_precision(folder: RunFolder) -> str | None:
-    """The precision the run in folder trained in (None: a new run, or an older record that does not say)."""
+def recorded_precision(folder: RunFolder, cuda: bool) -> str | None:
+    """The precision the run in folder trains in (None: a new run). A record from before the precision was recorded
+    ran in what trainer.precision=auto meant then: bf16-mixed on CUDA, 32-true elsewhere."""
     for read in (folder.read_identity, folder.saved_identity):
         try:
             identity = read()
         except Exception:
             continue
-        if identity is not None and isinstance(identity.get("precision"), str):
-            return identity["precision"]
+        if identity is not None:
+            return identity["precision"] if isinstance(identity.get("precision"), str) else \
+                ("bf16-mixed" if cuda else "32-true")
     return None
 
 
@@ -406,10 +391,8 @@ def check_single_run(cfg: DictConfig) -> None:
     if _plain_file(folder.checkpoint) and not own_ckpt:
         raise ConfigError(f"{key} already holds an interrupted run (checkpoints/last.ckpt); a run is never "
                           f"overwritten: continue it with: python src/train.py resume={folder.path}")
-    if not _plain_file(folder.checkpoint) and cfg.get("ckpt_path"):
-        raise ConfigError(f"{key} already holds files of another run; a run is never overwritten: choose another "
-                          f"hydra.run.dir (or leave it unset)")
-    if folder.read_identity() is None and folder.saved_identity() is None and not own_ckpt:
+    if (not _plain_file(folder.checkpoint) and cfg.get("ckpt_path")) or \
+            (folder.read_identity() is None and folder.saved_identity() is None and not own_ckpt):
         raise ConfigError(f"{key} already holds files of another run; a run is never overwritten: choose another "
                           f"hydra.run.dir (or leave it unset)")
     diff = continuation_errors(folder, cfg)

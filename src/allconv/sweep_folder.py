@@ -93,11 +93,14 @@ def _runs_below(sweep: Path) -> dict[Path, dict | None]:
     return runs
 
 
+def _differences(identity: dict, job: DictConfig, extend: bool = True) -> list[str]:
+    """The job's settings against a recorded run's, in the record's form (format 2 resolved, older as written)."""
+    return differences(identity["settings"], settings(job, resolve=identity.get("format", 1) == rr.IDENTITY_FORMAT),
+                       extend)
+
+
 def _same_run(identity: dict | None, job: DictConfig, extend: bool) -> bool:
-    if identity is None:
-        return False
-    mine = settings(job, resolve=identity.get("format", 1) == rr.IDENTITY_FORMAT)
-    return not differences(identity["settings"], mine, extend)
+    return identity is not None and not _differences(identity, job, extend)
 
 
 def plan(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[int, Path]:
@@ -146,7 +149,7 @@ def plan(config: DictConfig, jobs: list[tuple[int, DictConfig]]) -> dict[int, Pa
         if RunFolder(own).is_run() or own in target.values():
             job_dir(job, num)
             recorded = runs.get(own)
-            shown = "; ".join(differences(recorded["settings"], settings(job))[:3]) if recorded else \
+            shown = "; ".join(_differences(recorded, job)[:3]) if recorded else \
                 "its record is damaged or absent"
             raise ConfigError(f"job {num}'s folder {str(own)!r} holds another run ({shown}); relaunch the sweep with "
                               f"its own settings, or choose another hydra.sweep.dir")

@@ -33,6 +33,8 @@ def check_config(cfg: DictConfig) -> None:
     """The values (allconv.schema), the trainer on this machine, the model's knobs and layer names."""
     schema.validate(cfg, schema.TrainConfig)
     check_trainer(cfg)
+    if cfg.callbacks.get("early_stopping") and not cfg.data.get("val_size"):
+        raise ConfigError("callbacks=early_stopping watches val/error: it needs a validation split, data.val_size > 0")
     with torch.device("meta"):  # the builder checks the model knobs; meta: no memory, no init compute
         net = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes)
     gb = cfg.callbacks.get("guided_backprop")
@@ -94,9 +96,10 @@ def _jobs_run_elsewhere(cfg: DictConfig) -> bool:
     if not target:
         return False
     from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-    return issubclass(get_class(target), BaseSubmititLauncher)
+    # by name: Hydra's plugin scan executes the submitit plugin's module again, so its classes are new objects
+    return any(f"{c.__module__}.{c.__qualname__}" == "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+               "BaseSubmititLauncher" for c in get_class(target).__mro__)
 
 
 def check(cfg: DictConfig) -> None:
@@ -107,6 +110,10 @@ def check(cfg: DictConfig) -> None:
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     build_datamodule(cfg).validate()
     check_batch_limits(cfg)
+    if cfg.logger.get("save_dir"):  # W&B's folder, when not the run's own: a read-only one is one line here
+        from allconv.files import check_output_dir
+
+        check_output_dir(cfg.logger.save_dir, "logger.save_dir")
     if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
         from allconv import checkpoint
 
@@ -218,7 +225,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, precision: str) -> L.Trainer:
-    from allconv.callbacks import AtomicCheckpointIO
+    from allconv.callbacks import AtomicCheckpointIO, cluster_plugins
 
     kwargs = {**trainer_kwargs(cfg), "precision": precision}
     if cfg.callbacks.get("progress_bar") == "none":
@@ -229,7 +236,7 @@ def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, p
         profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
         kwargs["profiler"] = profiler(dirpath=str(folder.path), filename=folder.profiler_name)
     return L.Trainer(default_root_dir=str(folder.path), callbacks=callbacks, logger=logger,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
@@ -279,7 +286,8 @@ def run_precision(cfg: DictConfig, folder: RunFolder) -> str:
     """The precision the run trains in: a continuation keeps the one it was started in (trainer.precision=auto may
     mean another on this machine), a new run resolves auto on this machine."""
     resolved = trainer_kwargs(cfg).get("precision", "32-true")
-    kept = run_folder.recorded_precision(folder) if cfg.trainer.get("precision") == "auto" else None
+    cuda = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+    kept = run_folder.recorded_precision(folder, cuda) if cfg.trainer.get("precision") == "auto" else None
     if kept is not None and kept != resolved and not run_folder.is_secondary_rank():
         print(f"precision: {kept} kept from the run's record (trainer.precision=auto would be {resolved} here)",
               file=sys.stderr, flush=True)
@@ -362,7 +370,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             trainer.logger.save()
         title = f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}"
         try:
-            plot_run(folder, title=title)
+            plot_run(folder.metrics_csv, folder.learning_curve, title=title)
         except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
             what = e if isinstance(e, WriteError) else \
                 f"{folder.learning_curve} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"

@@ -86,6 +86,9 @@ class GuidedBackpropGrid(L.Callback):
         if self._last_epoch % self.every_n_epochs == 0:
             self._render(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_fit_end, not on_train_end: a run continued from a checkpoint of its last epoch (its first end failed on
+        # a full disk) trains nothing, and Lightning then calls no training hook; its pictures are still drawn
+        self._last_epoch = trainer.current_epoch
         self._render(trainer, pl_module)  # the final network, unless its epoch was just drawn
         self._filters(trainer, pl_module)

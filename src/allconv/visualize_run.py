@@ -41,7 +41,7 @@ def check(cfg: DictConfig) -> None:
 
 
 def _out_dir(cfg: DictConfig) -> Path:
-    from allconv.cli import check_output_dir
+    from allconv.files import check_output_dir
 
     v = cfg.viz
     ckpt_path = Path(cfg.ckpt_path)

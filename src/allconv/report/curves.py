@@ -20,6 +20,7 @@ from allconv.errors import ReportError
 from allconv.learning_curve import read_epochs
 from allconv.report.pages import KEEP_MARKER, runs_or_error, save_figure, wrap, writable, write_page
 from allconv.report.runs import ORDER, Run, _cap_text, _g, fmt_time, run_settings, settings_label
+from allconv.run_folder import RunFolder
 
 # At chance: a network whose ReLUs are all dead predicts the class prior whatever the input.
 CHANCE_LOSS_TOL = 0.02
@@ -70,7 +71,7 @@ def died_at(series: dict, num_classes: int) -> tuple[int | None, bool]:
 
 def trace(run: Run) -> Trace:
     try:
-        series = read_epochs(run.path / "csv" / "metrics.csv")
+        series = read_epochs(RunFolder(run.path).metrics_csv)
     except (OSError, ValueError, csv.Error):
         series = {}
     num_classes = int((run.config.get("data") or {}).get("num_classes") or 10)
