@@ -53,7 +53,7 @@ CASES = [
     ("dropout_one", lambda t: ["model.dropout_input=1.0"], ["dropout_input", "1.0", "[0, 1)"]),
     ("dropout_negative", lambda t: ["model.dropout_pool=-0.2"], ["dropout_pool", "-0.2", "[0, 1)"]),
     ("width_zero", lambda t: ["model.width=0"], ["model.width", "0", "positive"]),
-    ("unknown_key", lambda t: ["optim.lrr=0.1"], ["optim.lrr", "+key=value"]),
+    ("unknown_key", lambda t: ["optim.lrr=0.1"], ["optim.lrr", "not a setting of allconv; did you mean optim.lr?"]),
     ("missing_root_no_download",
      lambda t: ["data=cifar10", f"data.root={t / 'no_such_root'}", "data.download=false"],
      ["no_such_root", "data.download=false", "data.download=true"]),

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from allconv import callbacks as C
 from allconv import schema, training
-from allconv.resume import expand_argv
+from allconv.errors import ConfigError
 from conftest import CONF, write_npz
 
 PRESETS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
@@ -107,22 +107,26 @@ def test_help_lists_the_presets_and_the_loggers(run_entry):
     assert "logger: csv, many, none, tensorboard, wandb" in groups
 
 
-def test_debug_fdr_runs_one_batch_into_a_debug_folder(run_entry, tmp_path):
+def test_debug_fdr_runs_one_batch_and_leaves_no_record(run_entry, tmp_path):
+    """A check, not a run: no identity.json, metrics.json, checkpoint or logger file (Lightning 2.6 would save
+    last.ckpt at the end of a fast_dev_run fit), so no report lists it and its folder is new to a relaunch."""
+    from allconv.errors import ReportError
+    from allconv.report.pages import runs_or_error
+    from allconv.run_folder import RunFolder
+
     npz = write_npz(tmp_path / "data.npz", n_train=48, n_test=16)
     rc, out, err = run_entry("debug=fdr", *tiny(npz, "data.batch_size=16", "data.eval_batch_size=8"), cwd=tmp_path)
     assert rc == 0, err[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "debug").glob("*/*_all_cnn_c")  # not outputs/<date>/, where real runs go
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "finished" and metrics["epochs"] == 1
-    assert metrics["test_error"] * 8 == round(metrics["test_error"] * 8)  # one test batch of 8 images, not 16
+    assert "fast_dev_run: 1 training step(s) and the test ran; test error" in err and "nothing is recorded" in err
     assert "config" in out and "Total params" in out  # the config tree and the model summary are printed
-    # Lightning saves last.ckpt once at the end of a fit that saved none (fast_dev_run too): after one step of 3
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
-    (run_dir / "metrics.json").unlink()  # as if stopped before the end: resume= replays the preset, keeps it
-    argv = expand_argv(["train.py", f"resume={run_dir}"])
-    assert "debug=fdr" in argv and f"hydra.run.dir='{run_dir}'" in argv
-    rc, out, err = run_entry(f"resume={run_dir}", "debug=limit", cwd=tmp_path)  # another preset: another run
-    assert rc == 2 and f"error: hydra.run.dir='{run_dir}' holds a run with other settings (" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == []  # nothing: no record, checkpoint, csv or picture
+    assert RunFolder(run_dir).state() == "new"
+    with pytest.raises(ReportError, match="no runs under"):
+        runs_or_error([run_dir])
+    rc, out, err = run_entry("debug=fdr", *tiny(npz, "data.batch_size=16", "data.eval_batch_size=8"),
+                             f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert rc == 0, err[-3000:]  # the same folder again: nothing to overwrite, nothing refused
 
 
 def test_debug_limit_trains_a_fraction_of_the_batches_for_three_epochs(tmp_path, shared_cache_dir, batches,
@@ -135,6 +139,50 @@ def test_debug_limit_trains_a_fraction_of_the_batches_for_three_epochs(tmp_path,
     assert batches.test == [0]  # 10% of 10 test batches
     assert [int(r["epoch"]) for r in train_rows(tmp_path / "run")] == [0, 1, 2]
     assert metrics["epochs"] == 3
+
+
+def test_debug_limit_on_a_small_file_is_refused_before_training_naming_the_batches(run_entry, tmp_path):
+    """1,024 images at batch 128 are 8 batches: 5% of them is 0.4, no batch. Lightning would raise after building
+    the Trainer (a traceback; for the test loop, after the whole training); the pre-flight refuses it in one line,
+    nothing written. A fraction that keeps one batch, or a whole number, trains."""
+    npz = write_npz(tmp_path / "data.npz", n_train=1024, n_test=16)
+    for extra, value in (("debug=limit", "0.05"), ("trainer.limit_train_batches=0.01", "0.01")):
+        rc, out, err = run_entry(extra, *tiny(npz), "hydra.run.dir=run", cwd=tmp_path)
+        assert rc == 2 and err.count("\n") == 1, err[-2000:]
+        assert err.startswith(f"error: trainer.limit_train_batches={value} is ") and "of the 8 train batches " \
+            "(1,024 images at data.batch_size=128): no batch would run; give at least 0.125" in err, err
+        assert not (tmp_path / "run").exists()
+    cfg = composed("debug=limit", *tiny(npz, "trainer.limit_train_batches=0.125", "data.eval_batch_size=1"))
+    training.check_batch_limits(cfg)  # one batch of 8: runs
+    cfg = composed(*tiny(npz, "data.eval_batch_size=4", "trainer.limit_test_batches=0.2"))
+    with pytest.raises(ConfigError, match=r"limit_test_batches=0.2 is 0.8 of the 4 test batches"):
+        training.check_batch_limits(cfg)
+
+
+@pytest.mark.parametrize("limit, said", [("trainer.max_steps=3", "trainer.max_steps=3"),
+                                         ("trainer.max_time=00:00:00:00", "trainer.max_time=00:00:00:00")])
+def test_a_run_stopped_by_a_limit_says_so(tmp_path, shared_cache_dir, capsys, one_thread, limit, said):
+    """metrics.json and a line say what stopped the run and after how many of its epochs; the report marks it."""
+    from allconv.report.runs import read_run
+    from allconv.report.table import report
+
+    npz = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)
+    cfg = composed(*tiny(npz, "data.batch_size=32", "trainer.max_epochs=3", "+" + limit, *QUIET[:-1]))
+    metrics = training.train(cfg, tmp_path / "run")
+    epochs = 1 if "max_steps" in limit else 0  # 3 steps: one epoch of 2, then one step; no time: the first step
+    assert metrics["stopped_by"] == said and metrics["epochs_completed"] == epochs and metrics["max_epochs"] == 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped_by"] == said
+    assert f"stopped by {said} after {epochs} of 3 epochs" in capsys.readouterr().err
+    assert read_run(tmp_path / "run").stopped == f"stopped by {said} after {epochs} of 3 epochs"
+    text, _ = report([tmp_path / "run"], tmp_path / "out", plot=False)
+    assert "## Runs stopped by a limit" in text and f"run: stopped by {said} after {epochs} of 3 epochs" in text
+
+
+def test_a_run_that_ran_its_epochs_says_nothing_of_a_stop(tmp_path, shared_cache_dir, one_thread):
+    npz = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)
+    metrics = training.train(composed(*tiny(npz, "data.batch_size=32", "trainer.max_epochs=1", *QUIET[:-1])),
+                             tmp_path / "run")
+    assert "stopped_by" not in metrics and metrics["epochs"] == 1
 
 
 def test_debug_overfit_drives_the_loss_of_three_batches_toward_zero(tmp_path, shared_cache_dir, batches, one_thread):

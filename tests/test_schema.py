@@ -53,9 +53,9 @@ CASES = [
      "error: model.final_weights=foo: must be one of: zero, init"),
     ("unknown_top_key", None, ["+nope=1"], None,
      "error: nope=1: unknown key; the config has: seed, ckpt_path, print_config, model, data, optim, trainer, "
-     "logger, callbacks"),
+     "logger, callbacks, tags"),
     ("visualize_unknown_key", VISUALIZE_PY, ["ckpt_path=x.ckpt", "viz.nope=1"], None,
-     "error: Could not override 'viz.nope': Key 'nope' is not in struct (add a new key with +key=value)"),
+     "error: Could not override 'viz.nope': Key 'nope' is not in struct (not a setting of allconv)"),
     ("visualize_added_key", VISUALIZE_PY, ["ckpt_path=x.ckpt", "+viz.nope=1"], None,
      "error: viz.nope=1: unknown key; viz has: figure, layer, unit, method, top_k, channels, num_channels, "
      "num_images, batch_size"),

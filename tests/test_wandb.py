@@ -5,6 +5,7 @@ cells, each composes and checks, and one trains end to end with W&B offline."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -184,3 +185,85 @@ def test_an_agent_command_trains_with_wandb_offline(monkeypatch, tmp_path):
     got = logged(offline)
     assert got["id"] == env["WANDB_RUN_ID"]  # the run the sweep controller handed to the agent
     assert got["summary"]["final/test_error"] == metrics["test_error"]
+
+
+# -- one W&B run per run ------------------------------------------------------------------------------
+def history_steps(offline: Path) -> list[int]:
+    return [int(i.value_json) for r in read_records(next(offline.glob("run-*.wandb")))
+            if r.WhichOneof("record_type") == "history" for i in r.history.item
+            if (i.key or "/".join(i.nested_key)) == "_step"]
+
+
+@pytest.mark.subprocess
+def test_a_continued_run_is_one_wandb_run_with_one_history_and_tags(tmp_path):
+    """logger=many (csv, W&B offline, TensorBoard), tags=[paper,cpu]; the run is continued with resume= (its
+    metrics.json removed: as if killed after the checkpoint of epoch 1). Both launches write to one W&B run id, the
+    one kept in the folder; wandb's own `wandb sync --dry-run` lists the two files of that one id; W&B's steps go
+    on from the checkpoint's; the pictures never reach csv/metrics.csv; the tags reach metrics.json, identity.json,
+    W&B and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import PYTHON
+
+    data = write_npz(tmp_path / "data.npz", n_train=64, n_test=16)
+    run = tmp_path / "run"
+    env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wbc"), "WANDB_API_KEY": "",
+           "WANDB_CACHE_DIR": str(tmp_path / "wbcache"), "WANDB_DATA_DIR": str(tmp_path / "wbdata"),
+           "WANDB_MODE": "offline"}
+    rc, out, err = run_cli("data=npz", f"data.path={data}", "data.preprocess=standardize", "model.width=0.125",
+                           "trainer.max_epochs=1", "data.batch_size=32", "logger=many", "tags=[paper,cpu]",
+                           "callbacks.progress_bar=none", "print_config=false", f"hydra.run.dir={run}", cwd=tmp_path,
+                           env=env)
+    assert rc == 0, err[-3000:]
+    (run / "metrics.json").unlink()
+    rc, out, err = run_cli(f"resume={run}", "trainer.max_epochs=2", cwd=tmp_path, env=env)
+    assert rc == 0, err[-3000:]
+    assert "malformed" not in err and "warning" not in err.lower(), err[-2000:]
+
+    kept = (run / "wandb_run_id.txt").read_text().strip()
+    first, second = sorted((run / "wandb").glob("offline-run-*"))
+    assert first.name.endswith(f"-{kept}") and second.name.endswith(f"-{kept}")
+    assert logged(first)["id"] == logged(second)["id"] == kept
+    proc = subprocess.run([str(Path(PYTHON).parent / "wandb"), "sync", "--dry-run", str(first), str(second)],
+                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    listed = re.findall(r"offline-run-\d+_\d+-(\w+)/run-(\w+)\.wandb", proc.stdout + proc.stderr)
+    assert listed and {i for pair in listed for i in pair} == {kept}, proc.stdout + proc.stderr
+    steps_1, steps_2 = history_steps(first), history_steps(second)
+    assert steps_1 == sorted(steps_1) and steps_2 == sorted(steps_2)
+    assert min(steps_2) > max(steps_1) == 2  # epoch 1 ended at global step 2 (2 batches); the continuation goes on
+    assert set(logged(first)["config"]) >= {"tags"} and "learning_curve/_type" in {
+        k for row in logged(second)["history"] for k in row}
+
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert rows and all(k in ("epoch", "step") or "/" in k or k in ("lr", "epoch_time_s") for k in rows[0])
+    assert not any("Image" in (v or "") for row in rows for v in row.values())
+    assert [int(r["epoch"]) for r in rows if r.get("train/loss")] == [0, 1]
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    identity = json.loads((run / "identity.json").read_text())
+    assert metrics["tags"] == ["paper", "cpu"] and identity["settings"]["tags"] == ["paper", "cpu"]
+    run_record = next(r for r in read_records(next(first.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run")
+    assert {"paper", "cpu"} <= set(run_record.run.tags)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "tags/text_summary" in events.Tags()["tensors"]
+    assert b"paper, cpu" in events.Tensors("tags/text_summary")[0].tensor_proto.string_val[0]
+
+
+def test_a_crafted_wandb_id_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    from allconv.errors import RunFolderError
+    from allconv.run_folder import RunFolder
+    from allconv.wandb_logger import run_id
+
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    folder = RunFolder(tmp_path)
+    new = run_id(folder)
+    assert folder.wandb_id.read_text().strip() == new and run_id(folder) == new  # kept, then read back
+    for bad in ("../../x", "a b", "x" * 65, ""):
+        folder.wandb_id.write_text(bad + "\n")
+        with pytest.raises(RunFolderError, match="not a W&B run id"):
+            run_id(folder)
+    folder.wandb_id.unlink()
+    folder.wandb_id.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(RunFolderError):
+        run_id(folder)

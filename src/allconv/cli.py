@@ -69,6 +69,35 @@ def one_line_usage_errors() -> Iterator[None]:
         argparse.ArgumentParser.error = original
 
 
+# Lightning settings this project replaces by its own: named in the refusal of the Lightning key.
+INSTEAD = {
+    "trainer.gradient_clip_val": "this project caps each update instead: optim.max_update_norm=<cap> (lr * |g| <= cap, "
+                                 "the global L2 norm; optim.max_update_norm=null: plain SGD)",
+}
+INSTEAD["trainer.gradient_clip_algorithm"] = INSTEAD["trainer.gradient_clip_val"]
+
+
+def _declared_keys() -> set[str]:
+    """The keys a config schema declares (allconv.schema): `+key=value` on one composes and is then checked there."""
+    from allconv import schema
+
+    return set().union(*(schema.declared(s) for s in (schema.TrainConfig, schema.EvalConfig, schema.VisualizeConfig)))
+
+
+def _not_declared(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(_declared_keys()), n=1, cutoff=0.8)
+    return f"not a setting of allconv{f'; did you mean {close[0]}?' if close else ''}"
+
+
+def _quoted(pattern: str, text: str) -> str:
+    import re
+
+    found = re.search(pattern, text)
+    return found.group(1) if found else ""
+
+
 def _one_line(e: Exception) -> str:
     from hydra.errors import MissingConfigException
 
@@ -76,10 +105,24 @@ def _one_line(e: Exception) -> str:
     first = text.splitlines()[0] if text else type(e).__name__
     if isinstance(e, MissingConfigException) and getattr(e, "options", None):
         return f"{first}; allowed: {', '.join(sorted(o for o in e.options if not o.startswith('_')))}"
+    if "Could not append" in first:  # +key=value on a key the config already has
+        key = _quoted(r"already at '([^']+)'", first)
+        if key:
+            return f"+{key}: {key} is already a setting, so + cannot add it; set it without the +: {key}=<value>"
     if "Could not override" in first or "Could not append" in first:
+        key = _quoted(r"override '([^']+)'", first)
+        if key in INSTEAD:
+            return f"{key}: not a setting of allconv; {INSTEAD[key]}"
         cause = str(e.__cause__).strip().splitlines()[0] if e.__cause__ and str(e.__cause__).strip() else ""
-        return f"{first.rstrip('.')}: {cause or 'no such key'} (add a new key with +key=value)"
+        hint = f"add it with +{key}=<value>" if key and key in _declared_keys() else _not_declared(key)
+        return f"{first.rstrip('.')}: {cause or 'no such key'} ({hint})"
     return first
+
+
+def instead(message: str) -> str:
+    """A schema's refusal of a Lightning key this project replaces, with what to use instead."""
+    key = message.split("=", 1)[0]
+    return f"{message.split(';', 1)[0]}; {INSTEAD[key]}" if key in INSTEAD and "unknown key" in message else message
 
 
 def main(hydra_main: Callable[[], object]) -> None:
@@ -152,7 +195,7 @@ class Preflight(Callback):
         try:
             fn()
         except AllConvError as e:
-            fail(str(e), 2)
+            fail(instead(str(e)), 2)
         except Exception as e:  # composition errors of Hydra and OmegaConf become one line too
             fail(_one_line(e), 2)
 
@@ -271,7 +314,8 @@ def train_job(cfg: DictConfig) -> float | None:
         return job_failed(e, cfg, folder, sweep)
     finally:
         folder.release()
-    print(f"test error {metrics['test_error']:.4f}  ->  {folder.metrics}")
+    if metrics.get("status") != "checked":  # fast_dev_run records nothing (training.train says so)
+        print(f"test error {metrics['test_error']:.4f}  ->  {folder.metrics}")
     return metrics["test_error"]
 
 

@@ -31,15 +31,15 @@ from allconv.files import file_kind, lock
 
 # -- the one rule: what a continuation may change --------------------------------------------------------
 CONTINUATION = ("print_config", "callbacks.progress_bar", "callbacks.progress_bar_refresh", "model.channels_last",
-                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.profiler", "logger",
+                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.profiler", "logger", "tags",
                 "data.root", "data.path", "data.download", "data.verify_md5", "data.cache_dir")
 RAISED = ("trainer.max_epochs",)  # a continuation may extend the run: raise it, never lower it
 # Keys a newer version added, with the behaviour of the folders made before them (the key then "unset").
 OLDER = {"model.final_weights": "init"}
 ALLOWED = ("print_config, callbacks.progress_bar*, trainer.enable_progress_bar, trainer.enable_model_summary, "
            "model.channels_last (the memory layout), "
-           "trainer.profiler, logger*, where the data is (data.root, path, download, verify_md5, cache_dir; the same "
-           "data) and trainer.max_epochs upward")
+           "trainer.profiler, logger*, tags, where the data is (data.root, path, download, verify_md5, cache_dir; the "
+           "same data) and trainer.max_epochs upward")
 # What makes a folder a sweep's (allconv.sweep_folder): Hydra's record of the launch, and the job folders when a
 # relaunched run moved number.
 JOBS = "jobs.json"
@@ -73,12 +73,13 @@ class RunFolder:
     filters = property(lambda self: self.path / "filters")
     visualize = property(lambda self: self.path / "visualize")
     wandb = property(lambda self: self.path / "wandb")
+    wandb_id = property(lambda self: self.path / "wandb_run_id.txt")  # the one W&B run of all its launches
     tensorboard = property(lambda self: self.path / "tensorboard")
     profiler_name = "profiler"  # Lightning's profilers write <stage>-profiler.txt
     FOLDERS = ("checkpoints", "csv")
     FILES = ("metrics.json", "identity.json", "checkpoints/last.ckpt")  # a figure that fails is a warning only
     WRITTEN = (*RECORD, "csv", "learning_curve.png", "guided_backprop", "filters", "visualize", "wandb",
-               "tensorboard", "fit-profiler.txt", "test-profiler.txt")
+               "wandb_run_id.txt", "tensorboard", "fit-profiler.txt", "test-profiler.txt")
 
     @classmethod
     def of_checkpoint(cls, ckpt_path: str | Path) -> RunFolder:

@@ -283,6 +283,8 @@ class TrainConfig(Section):
     trainer: Trainer
     logger: Logger
     callbacks: Callbacks
+    tags: rule(list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^,\s]+$")]],
+               "a list of tags, each 1 to 64 characters, no comma or space") = []
 
     @model_validator(mode="after")
     def _rules(self):

@@ -5,7 +5,8 @@ logger=many. The folder has no version_N below it, so `tensorboard --logdir outp
 folder as one run and a resumed run writes into the same one: its event file is added beside the
 earlier ones and starts with TensorBoard's purge marker at the step where the resume takes over,
 so the steps the killed launch logged after its last checkpoint are hidden, as csv/metrics.csv drops
-those rows (csv_logger). No placeholder hp_metric is logged: the scalars are those of the CSV log.
+those rows (csv_logger). No placeholder hp_metric is logged: the scalars are those of the CSV log. The run's
+tags (tags=[paper,cpu]) are a text summary, "tags", at step 0 (TensorBoard's Text tab).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from allconv.run_folder import RunFolder
@@ -26,8 +28,23 @@ def resume_step(ckpt_path: str | Path) -> int | None:
     return logging_step(checkpoint.read(ckpt_path))
 
 
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger that also writes the run's tags, with its hyperparameters (at fit start)."""
+
+    def __init__(self, *args, tags: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tags = list(tags or [])
+
+    @rank_zero_only
+    def log_hyperparams(self, params, metrics=None) -> None:
+        super().log_hyperparams(params, metrics)
+        if self.tags:
+            self.experiment.add_text("tags", ", ".join(self.tags), global_step=0)
+
+
 def build_tensorboard_logger(cfg: DictConfig, run_dir: Path) -> TensorBoardLogger:
     step = resume_step(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     extra = {"purge_step": step} if step is not None else {}  # SummaryWriter's marker for a restarted run
     name = RunFolder(run_dir).tensorboard.name
-    return TensorBoardLogger(str(run_dir), name=name, version="", default_hp_metric=False, **extra)
+    return RunTensorBoardLogger(str(run_dir), name=name, version="", default_hp_metric=False,
+                                tags=list(cfg.get("tags") or []), **extra)

@@ -109,6 +109,7 @@ def check(cfg: DictConfig) -> None:
     except ValueError as e:  # the builder's own one-line errors
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     build_datamodule(cfg).validate()
+    check_batch_limits(cfg)
     if cfg.logger.get("save_dir"):  # W&B's folder, when not the run's own: a read-only one is one line here
         from allconv.files import check_output_dir
 
@@ -127,6 +128,47 @@ def check(cfg: DictConfig) -> None:
             held = tuple(saved[wrong].shape) if wrong in saved else "nothing"
             raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} holds another network than this command builds "
                               f"({wrong}: {held} vs {tuple(mine[wrong].shape)}); continue a run with its own settings")
+
+
+def split_sizes(cfg: DictConfig) -> dict[str, int] | None:
+    """The images of each split a run loads (train, val, test), from the arrays' headers; None if not known yet
+    (the official files not downloaded)."""
+    d = cfg.data
+    if d.source == "npz":
+        from allconv.data import _npz_headers
+
+        shapes = _npz_headers(Path(d.path))
+        n_train, n_test = shapes["x_train"][0][0], shapes["x_test"][0][0]
+    elif d.source in ("cifar10", "cifar100"):
+        n_train, n_test = 50_000, 10_000
+    else:
+        return None
+    n_train, n_test = min(n_train, d.limit_train or n_train), min(n_test, d.limit_test or n_test)
+    return {"train": n_train - (d.val_size or 0), "val": d.val_size or 0, "test": n_test}
+
+
+def check_batch_limits(cfg: DictConfig) -> None:
+    """A fraction trainer.limit_*_batches that leaves no batch of its split is refused here, naming the value and
+    the split's batches, rather than by Lightning's Trainer with a traceback once that loop starts (the test's:
+    after the whole training). A whole number of batches is never refused: Lightning takes at most as many as
+    there are."""
+    sizes = split_sizes(cfg)
+    t = cfg.trainer
+    devices = t.get("devices") if isinstance(t.get("devices"), int) and t.get("devices") > 0 else 1
+    world = devices * (t.get("num_nodes") or 1)
+    for split, size_key in (("train", "batch_size"), ("val", "eval_batch_size"), ("test", "eval_batch_size")):
+        fraction = t.get(f"limit_{split}_batches")
+        if sizes is None or not isinstance(fraction, float) or not 0 < fraction < 1 or not sizes[split]:
+            continue
+        per_rank, batch = -(-sizes[split] // world), cfg.data[size_key]
+        batches = per_rank // batch if split == "train" and cfg.data.drop_last else -(-per_rank // batch)
+        if batches and int(batches * fraction) == 0:
+            least = 1 / batches
+            raise ConfigError(
+                f"trainer.limit_{split}_batches={fraction:g} is {batches * fraction:.2g} of the {batches} {split} "
+                f"batch{'es' if batches > 1 else ''} ({sizes[split]:,} images at data.{size_key}={batch}"
+                f"{f' on {world} devices' if world > 1 else ''}): no batch would run; give at least "
+                f"{math.ceil(least * 1000) / 1000:g} or a whole number of batches (trainer.limit_{split}_batches=1)")
 
 
 def check_eval(cfg: DictConfig) -> None:
@@ -266,13 +308,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = run_precision(cfg, folder)
     record = None
-    if not run_folder.is_secondary_rank():  # the run's identity, once; a continuation must match it
+    check_only = bool(cfg.trainer.get("fast_dev_run"))  # a check of the code, not a run: it leaves no record
+    if not run_folder.is_secondary_rank() and not check_only:  # the run's identity, once; a continuation matches it
         dm.prepare_data()
         dm.setup("fit")  # the whitening fit is part of the identity (Lightning's own setup() then finds it done)
         record = run_folder.record(folder, identity(cfg, dm, precision))
     clock = FitClock()
     callbacks = build_callbacks(cfg, folder) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
-    trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir), precision)
+    if check_only:  # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt even under fast_dev_run
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    trainer = build_trainer(cfg, run_dir, callbacks, False if check_only else build_logger(cfg, run_dir), precision)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
@@ -295,7 +342,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "test_error": float(trainer.callback_metrics["test/error"]),
         "wall_time_s": wall,
         "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+        "tags": list(cfg.get("tags") or []),
     }
+    stopped = stopped_by(cfg, trainer)
+    if stopped:  # finished, by a limit of its own settings: fewer epochs than trainer.max_epochs
+        # Lightning counts an epoch stopped part-way by max_steps as done (current_epoch, `epochs`), one stopped by
+        # max_time not: here the whole ones, from the batches trained
+        per_epoch = trainer.num_training_batches
+        done = trainer.current_epoch if not 0 < per_epoch < math.inf else \
+            min(trainer.current_epoch, trainer.global_step * trainer.accumulate_grad_batches // per_epoch)
+        metrics.update(stopped_by=stopped, epochs_completed=done, max_epochs=trainer.max_epochs)
+        print(f"stopped by {stopped} after {done} of {trainer.max_epochs} epochs (global step {trainer.global_step})",
+              file=sys.stderr, flush=True)
     if val_error is not None:
         metrics["val_error"] = float(val_error)
     spread = float(trainer.callback_metrics["test/score_spread"])
@@ -303,7 +361,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["test_score_spread"] = spread
     if ranks is not None:
         metrics["ddp"] = ranks
-    if trainer.is_global_zero:
+    if check_only and trainer.is_global_zero:
+        metrics["status"] = "checked"
+        print(f"fast_dev_run: {trainer.global_step} training step(s) and the test ran; test error "
+              f"{metrics['test_error']:.4f}; a check, not a run: nothing is recorded in {run_dir}", file=sys.stderr,
+              flush=True)
+    elif trainer.is_global_zero:
         folder.write_outcome(metrics)
         if trainer.logger:
             trainer.logger.save()
@@ -320,6 +383,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if ranks is not None:
         ddp.end_job()
     return metrics
+
+
+def stopped_by(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """The setting that ended a fit before trainer.max_epochs (max_steps, max_time, or a callback), None if it ran
+    them all."""
+    from lightning.pytorch.callbacks import Timer
+
+    if trainer.fast_dev_run or trainer.max_epochs is None or trainer.current_epoch >= trainer.max_epochs > 0:
+        return None
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return f"trainer.max_steps={trainer.max_steps}"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and (timer.time_remaining() or 0) <= 0:
+        return f"trainer.max_time={schema.shown(cfg.trainer.get('max_time'))}"
+    return "a callback (trainer.should_stop)" if trainer.max_epochs > 0 else None
 
 
 def evaluate(cfg: DictConfig) -> dict:

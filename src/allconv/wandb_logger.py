@@ -7,14 +7,24 @@ with the final metrics as its summary and the learning curve as an image (the gu
 grids and the filters come from visualize_callback.GuidedBackpropGrid). Name and group come from
 model, lr and seed, so the W&B UI groups a (model, lr) cell's seeds. Under a `wandb agent` the
 sweep's own run is picked up by wandb.init from the agent's environment.
+
+One W&B run per run: the W&B run id is kept in the run folder (RunFolder.wandb_id, written when the run first
+builds its logger) and handed back to wandb.init (id=, resume="allow") by every continuation — resume=, a
+relaunched sweep, a requeued job — so the offline run files of all its launches are one W&B run and `wandb sync`
+uploads one continuous history. identity.json cannot hold it: it is written once, before the logger exists, and
+two runs with the same settings (another folder, the same command) would share an id derived from it.
+Pictures (wandb.Image) go to W&B only: csv/metrics.csv holds numbers.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
+import re
 import sys
 from pathlib import Path
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from allconv import models
@@ -24,6 +34,8 @@ from allconv.lightning_private import QuietWandbLogger
 from allconv.run_folder import RunFolder
 
 MODES = ("auto", "online", "offline", "disabled")
+# What wandb accepts as a run id (its own check refuses /\\#?%:); shorter than its limit: the id file is untrusted.
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def has_api_key() -> bool:
@@ -64,10 +76,15 @@ class RunLogger(QuietWandbLogger):
         self.folder = RunFolder(run_dir) if run_dir is not None else None
         self._csv = CSVLogger(str(run_dir), name=self.folder.csv.name, version="") if run_dir is not None else None
 
+    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        super().log_metrics(metrics, step)
-        if self._csv is not None:
-            self._csv.log_metrics(metrics, step)
+        if step is None or self._wandb_init.get("sync_tensorboard"):
+            super().log_metrics(metrics, step)
+        else:  # W&B's own step is the trainer's: a continuation's rows follow its first launch's, never from 0
+            self.experiment.log({**metrics, "trainer/global_step": step}, step=step)
+        numbers_only = {k: v for k, v in metrics.items() if _is_number(v)}  # an image is W&B's alone
+        if self._csv is not None and numbers_only:
+            self._csv.log_metrics(numbers_only, step)
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         super().log_hyperparams(params, *args, **kwargs)
@@ -96,6 +113,40 @@ class RunLogger(QuietWandbLogger):
         self.forget_run()
 
 
+def _is_number(value) -> bool:
+    if hasattr(value, "numel"):  # a tensor: one number
+        return value.numel() == 1
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def run_id(folder: RunFolder) -> str:
+    """The W&B run id of the run in folder: the one its first launch kept, else a new one, kept now.
+
+    A new run takes the id a `wandb agent` handed it (WANDB_RUN_ID), else a fresh one. The file is read as
+    untrusted data: anything but a plain file holding one valid id is a RunFolderError naming it.
+    """
+    from wandb.sdk.lib.runid import generate_id  # what wandb.init itself draws a new run's id with
+
+    from allconv import run_record as rr
+    from allconv.errors import RunFolderError
+    from allconv.files import write_atomic
+
+    raw = rr.read_bytes(folder.wandb_id, limit=256)
+    if raw is not None:
+        text = raw.decode("ascii", errors="replace").strip()
+        if not RUN_ID.fullmatch(text):
+            raise RunFolderError(f"{folder.wandb_id} holds {text[:40]!r}, not a W&B run id (1 to 64 letters, digits, "
+                                 f"_ or -); delete it to give the run a new W&B run")
+        return text
+    new = os.environ.get("WANDB_RUN_ID") or ""
+    new = new if RUN_ID.fullmatch(new) else generate_id()
+    from allconv.run_folder import is_secondary_rank
+
+    if not is_secondary_rank():  # rank 0 logs; the other ranks never start a W&B run
+        write_atomic(folder.wandb_id, (new + "\n").encode())
+    return new
+
+
 def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
     import wandb
 
@@ -117,7 +168,9 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
         entity=lg.get("entity"),
         save_dir=str(save_dir),
         mode=mode,
-        tags=list(lg.get("tags") or []) + [model, f"lr{cfg.optim.lr}", cfg.data.source],
+        id=run_id(RunFolder(run_dir)) if mode != "disabled" else None,
+        tags=list(dict.fromkeys([*(cfg.get("tags") or []), *(lg.get("tags") or []), model, f"lr{cfg.optim.lr}",
+                                 cfg.data.source])),
         job_type="train",
         log_model=bool(lg.get("log_model")) and mode == "online",
         config=OmegaConf.to_container(cfg, resolve=True),

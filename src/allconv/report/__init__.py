@@ -18,6 +18,13 @@ from pathlib import Path
 from allconv.errors import ReportError, WriteError
 
 
+def _tags(text: str) -> list[str]:
+    tags = [t.strip() for t in text.split(",")]
+    if not all(tags):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tags (e.g. paper,cpu)")
+    return tags
+
+
 def main(argv: list[str] | None = None) -> int:
     from allconv.report.curves import curves_report
     from allconv.report.grid import grid_report
@@ -37,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, default=None,
                     help="the figure (default: <out>/report.png, curves.png or grid.png)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    ap.add_argument("--tags", type=_tags, default=None, metavar="TAG,TAG",
+                    help="only the runs holding every one of these tags (tags=[...] when they were trained)")
     args = ap.parse_args(argv)
     make = curves_report if args.curves else grid_report if args.grid else report
     try:
-        text, out = make(args.dirs, args.out, plot=not args.no_plot, md=args.md, png=args.png)
+        text, out = make(args.dirs, args.out, plot=not args.no_plot, md=args.md, png=args.png, tags=args.tags)
     except (ReportError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

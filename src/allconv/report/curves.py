@@ -45,7 +45,7 @@ class Trace:
         if self.died_at is not None:
             died = f"died at epoch {self.died_at}" if self.learned else "never left chance"
         if r.status == rr.FINISHED:
-            return died or f"trained to the end ({self.epochs} epochs)"
+            return died or r.stopped or f"trained to the end ({self.epochs} epochs)"
         said = (r.error or "").replace("|", "/").splitlines()[0] if r.error else "?"
         reason = {rr.FAILED: f"failed ({said})", rr.DIVERGED: f"diverged ({said})",
                   rr.STARTED: "no metrics.json (killed or still running)",
@@ -307,8 +307,8 @@ def curves_page(traces: list[Trace], label: str, command: str, png_link: str | N
 
 
 def curves_report(dirs: list[Path], out: Path | None = None, plot: bool = True, md: Path | None = None,
-                  png: Path | None = None) -> tuple[str, Path]:
-    runs = runs_or_error(dirs)
+                  png: Path | None = None, tags: list[str] | None = None) -> tuple[str, Path]:
+    runs = runs_or_error(dirs, tags)
     traces = sorted((trace(r) for r in runs), key=_order)
     if not any(t.series for t in traces):
         raise ReportError(f"no run under {', '.join(map(str, dirs))} has a readable csv/metrics.csv "

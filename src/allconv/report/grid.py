@@ -245,10 +245,10 @@ def grid_figure(found: list[Cell], label: str):
 
 
 def grid_report(dirs: list[Path], out: Path | None = None, plot: bool = True, md: Path | None = None,
-                png: Path | None = None) -> tuple[str, Path]:
+                png: Path | None = None, tags: list[str] | None = None) -> tuple[str, Path]:
     import os
 
-    runs = runs_or_error(dirs)
+    runs = runs_or_error(dirs, tags)
     found = cells([trace(r) for r in runs])
     if not found:
         raise ReportError(f"no run under {', '.join(map(str, dirs))} names its network and lr")

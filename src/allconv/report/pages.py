@@ -7,7 +7,7 @@ from pathlib import Path
 
 from allconv.errors import ReportError
 from allconv.files import figure_bytes, write_atomic
-from allconv.report.runs import Run, find_runs
+from allconv.report.runs import Run, find_runs, with_tags
 
 KEEP_MARKER = "<!-- Text below this line is written by hand; src/report.py keeps it when it rewrites the page. -->"
 
@@ -25,8 +25,14 @@ def save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def runs_or_error(dirs: list[Path]) -> list[Run]:
+def runs_or_error(dirs: list[Path], tags: list[str] | None = None) -> list[Run]:
     runs = find_runs(dirs)
+    if tags:
+        found = len(runs)
+        runs = with_tags(runs, tags)
+        if not runs:
+            raise ReportError(f"none of the {found} runs under {', '.join(map(str, dirs))} holds every tag of "
+                              f"--tags {','.join(tags)} (a run's tags: tags=[...] when it was trained)")
     if not runs:
         raise ReportError(f"no runs under {', '.join(map(str, dirs))} (no metrics.json or .hydra/ run folders)")
     return runs

@@ -52,6 +52,20 @@ class Run:
     config: dict = field(default_factory=dict)   # identity.json's settings, nested; {} when absent
 
     @property
+    def tags(self) -> list[str]:
+        """The run's tags (tags=[...]): metrics.json's (its last launch), else identity.json's."""
+        tags = self.metrics.get("tags", self.config.get("tags"))
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+    @property
+    def stopped(self) -> str:
+        """'stopped by trainer.max_time=... after 3 of 10 epochs' for a run a limit of its settings ended early."""
+        by, m = self.metrics.get("stopped_by"), self.metrics
+        if self.status != rr.FINISHED or not isinstance(by, str):
+            return ""
+        return f"stopped by {by[:80]} after {_g(m.get('epochs_completed'))} of {_g(m.get('max_epochs'))} epochs"
+
+    @property
     def network(self) -> str:
         """The paper's name (All-CNN-C), from metrics.json or the saved config, else the model option."""
         m = self.config.get("model") or {}
@@ -171,6 +185,11 @@ def _identity(folder: RunFolder) -> str | None:
         return None
     kept = {k: v for k, v in recorded["settings"].items() if not run_folder.may_change(k)}
     return json.dumps([kept, recorded.get("data")], sort_keys=True, default=str)
+
+
+def with_tags(runs: list[Run], tags: list[str]) -> list[Run]:
+    """The runs holding every one of tags (report.py --tags paper,cpu)."""
+    return [r for r in runs if set(tags) <= set(r.tags)]
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:

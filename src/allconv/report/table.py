@@ -107,6 +107,10 @@ def markdown(rows: list[Row], bad: list[Run], missing: list, runs: list[Run]) ->
             reason = (r.error or "").replace("|", "/").splitlines()[0] if r.error else ""
             cap = f", {_cap_text(r.cap)}" if show_cap else ""
             lines.append(f"| {r.path} | {r.model or '?'} | {_g(r.lr)}{cap} | {_g(r.seed)} | {r.status} | {reason} |")
+    stopped = [r for r in runs if r.stopped]
+    if stopped:  # finished, but fewer epochs than their trainer.max_epochs: counted, and said
+        lines += ["", "## Runs stopped by a limit (counted above)", ""]
+        lines += [f"- {r.path}: {r.stopped}" for r in stopped]
     if missing:
         lines += ["", "## Missing grid cells (no run folder)", ""]
         lines += [f"- {m}, lr {lr:g}, seed {s}" for m, lr, s in missing]
@@ -221,8 +225,8 @@ def bar_figure(rows: list[Row], label: str):
 
 
 def report(dirs: list[Path], out: Path | None = None, plot: bool = True, md: Path | None = None,
-           png: Path | None = None) -> tuple[str, Path]:
-    runs = runs_or_error(dirs)
+           png: Path | None = None, tags: list[str] | None = None) -> tuple[str, Path]:
+    runs = runs_or_error(dirs, tags)
     rows, bad, missing = summarise(runs)
     text = markdown(rows, bad, missing, runs)
     text = text + "\n".join(comparison(rows)) + ("\n" if rows else "")
