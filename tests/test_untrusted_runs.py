@@ -22,11 +22,11 @@ EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
 REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
            "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
-KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar*, "
-         "trainer.enable_progress_bar, trainer.enable_model_summary, model.channels_last (the memory layout), "
-         "trainer.profiler, logger*, where the data is "
-         "(data.root, path, download, verify_md5, cache_dir; the same data) and trainer.max_epochs upward: start a "
-         "new run to change the rest")
+KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar, "
+         "callbacks.progress_bar_refresh, model.channels_last, trainer.enable_progress_bar, "
+         "trainer.enable_model_summary, trainer.profiler, logger, tags, data.root, data.path, data.download, "
+         "data.verify_md5, data.cache_dir (the data in another place, not other data) and trainer.max_epochs upward: "
+         "start a new run to change the rest")
 
 
 @pytest.fixture(scope="module")

@@ -36,10 +36,7 @@ CONTINUATION = ("print_config", "callbacks.progress_bar", "callbacks.progress_ba
 RAISED = ("trainer.max_epochs",)  # a continuation may extend the run: raise it, never lower it
 # Keys a newer version added, with the behaviour of the folders made before them (the key then "unset").
 OLDER = {"model.final_weights": "init"}
-ALLOWED = ("print_config, callbacks.progress_bar*, trainer.enable_progress_bar, trainer.enable_model_summary, "
-           "model.channels_last (the memory layout), "
-           "trainer.profiler, logger*, tags, where the data is (data.root, path, download, verify_md5, cache_dir; the "
-           "same data) and trainer.max_epochs upward")
+ALLOWED = f"{', '.join(CONTINUATION)} (the data in another place, not other data) and trainer.max_epochs upward"
 # What makes a folder a sweep's (allconv.sweep_folder): Hydra's record of the launch, and the job folders when a
 # relaunched run moved number.
 JOBS = "jobs.json"
