@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from allconv import models, run_folder, schema
+from allconv import models, precision, run_folder, schema
 from allconv.csv_logger import CSVLogger
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError, WriteError
@@ -163,8 +163,7 @@ def build_module(cfg: DictConfig) -> AllConvModule:
 def trainer_kwargs(cfg: DictConfig) -> dict:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     cuda = torch.cuda.is_available() and t.get("accelerator") in ("auto", "gpu", "cuda")
-    if t.get("precision") == "auto":
-        t["precision"] = "bf16-mixed" if cuda else "32-true"
+    t["precision"] = precision.resolve(t.get("precision", "auto"), t.get("accelerator", "auto"))[0]
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
     if t.get("strategy") == "ddp":  # relaunch this Hydra job, not the whole sweep, on ranks 1..N-1
@@ -237,6 +236,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     clock = FitClock()
     callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock]  # a resumed run repeats the same draws
     trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
+    ran_in, reason = precision.resolve(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    if trainer.is_global_zero:
+        print(f"precision: {ran_in} ({reason})", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
@@ -258,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "params": models.count_params(net),
         "test_error": float(trainer.callback_metrics["test/error"]),
         "wall_time_s": wall,
-        "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+        "device": str(trainer.strategy.root_device), "precision": str(trainer.precision), "precision_reason": reason,
     }
     if val_error is not None:
         metrics["val_error"] = float(val_error)
