@@ -79,4 +79,6 @@ def test_a_run_records_its_precision_and_why(cpu, compose_cfg, tmp_path, shared_
     training.train(cfg, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["precision"] == expected and why in m["precision_reason"]
-    assert f"precision: {expected} ({m['precision_reason']})" in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert f"precision: {expected} ({m['precision_reason']})" in out
+    assert [line for line in out if line.startswith("estimate:")][0].endswith(f"of training on cpu in {expected}")
