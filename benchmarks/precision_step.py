@@ -113,10 +113,13 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="steps per timed round of one configuration")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--profile", choices=list(DTYPES), default=None, help="profile 3 steps in this dtype instead")
     p.add_argument("--width", type=float, default=1.0, help="for --profile")
     p.add_argument("--rows", type=int, default=25, help="for --profile")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     layouts = {"both": [True, False], "true": [True], "false": [False]}[args.channels_last]
     cap = precision.cpu_bf16()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
