@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         return
     before = load()
     peaks = {k: matmul_tflops(d) for k, d in DTYPES.items()}
-    print(f"matmul 2048^3, TFLOP/s per wall second (per CPU second): "
+    print("matmul 2048^3, TFLOP/s per wall second (per CPU second): "
           + ", ".join(f"{k} {w:.3g} ({c:.3g})" for k, (w, c) in peaks.items()) + f"; load {before} / {load()}")
     before = load()
     rows = compare([float(w) for w in args.widths.split(",")], layouts, args.batch_size, args.rounds, args.steps,
