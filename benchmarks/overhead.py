@@ -49,7 +49,8 @@ def main() -> None:
     def lightning(cls, bar=None, cap=0.125) -> float:
         dm = CIFARDataModule(source="npz", batch_size=bs)
         dm.tensors = t
-        m = cls(dict(family="c", variant="allcnn", width=0.01), num_classes=10, max_update_norm=cap)
+        m = cls(dict(family="c", variant="allcnn", width=0.01), num_classes=10, max_update_norm=cap,
+                channels_last=False)  # as the plain loop's network
         tr = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=2, limit_val_batches=0,
                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_model_summary=False,
                        enable_progress_bar=bar is not None, callbacks=[bar] if bar else [],

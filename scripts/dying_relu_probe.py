@@ -38,7 +38,8 @@ for spec in sys.argv[2:]:
         clip = kw.pop("cap") / lr
     family, variant = kw.pop("net", "c/allcnn").split("/")
     torch.manual_seed(0)
-    net = build(family, variant, width=kw.pop("width", 0.25), **kw)
+    plain = {"final_bias": 0.0, "final_weights": "init", "pool_gain": False}  # a spec names what it changes
+    net = build(family, variant, width=kw.pop("width", 0.25), **{**plain, **kw})
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     if kw_pool_gain:
         from allconv.models import correct_pool_gain

@@ -35,7 +35,8 @@ for spec in sys.argv[3:]:
     lr, epochs, scale = kw.pop("lr"), kw.pop("epochs", 2), kw.pop("scale", 1.0)
     warmup, gain, clip = kw.pop("warmup", 0), kw.pop("gain", 1.0), kw.pop("clip", None)
     torch.manual_seed(0)
-    net = build("c", "allcnn", width=kw.pop("width", 0.25), **kw)
+    plain = {"final_bias": 0.0, "final_weights": "init", "pool_gain": False}  # a spec names what it changes
+    net = build("c", "allcnn", width=kw.pop("width", 0.25), **{**plain, **kw})
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):

@@ -10,5 +10,6 @@ from allconv import cli
 from allconv.report import main
 
 if __name__ == "__main__":
+    cli.setup()
     with cli.one_line_usage_errors():
         sys.exit(main())

@@ -16,5 +16,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from allconv.resume import expand_argv
 
+    cli.setup()
     sys.argv = cli.run(lambda: expand_argv(sys.argv))  # resume=<run dir> -> that run's overrides + its last.ckpt
     cli.main(main)

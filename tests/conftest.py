@@ -143,11 +143,29 @@ def _session_cache_env(shared_cache_dir):
         os.environ["ALLCONV_CACHE"] = before
 
 
-def pytest_collection_modifyitems(items):
-    """Tests that launch the CLI through the run_train fixture are `subprocess` tests, marked or not."""
+OFF_BY_DEFAULT = ("slow", "slurm", "system")  # long or needing a cluster: make test-system, test-slow, test-slurm
+
+
+def named_tests(config) -> bool:
+    """The command names test files or node ids (tests/test_resume.py, tests/test_resume.py::test_x), not only
+    folders: the user asked for exactly those tests."""
+    return any("::" in arg or arg.split("::")[0].endswith(".py") for arg in config.args)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that launch the CLI through the run_train fixture are `subprocess` tests, marked or not.
+
+    `pytest` alone leaves out the slow, slurm and system tests; `-m <expr>` or a test file or node id on the
+    command line is the user's own choice and runs as given."""
     for item in items:
         if "run_train" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("subprocess"):
             item.add_marker(pytest.mark.subprocess)
+    if config.option.markexpr or named_tests(config):
+        return
+    off = [item for item in items if any(item.get_closest_marker(m) for m in OFF_BY_DEFAULT)]
+    if off:
+        config.hook.pytest_deselected(items=off)
+        items[:] = [item for item in items if item not in off]
 
 
 # Overrides for a tiny, quiet CPU run: width 0.125, one epoch, no bars, no figures, no config tree.
@@ -217,6 +235,50 @@ def compose_cfg():
             return compose(config_name=config_name, overrides=list(overrides))
 
     return make
+
+
+def write_identity(run: Path, config: dict) -> Path:
+    """identity.json as a run records its settings (nested config -> dotted keys): what the report reads."""
+    import json
+
+    from allconv.run_record import flat
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "identity.json").write_text(json.dumps({"settings": flat(config), "data": "x"}))
+    return run
+
+
+def invoke(*args: str, cwd: Path, script: Path = TRAIN_PY) -> tuple[int, str]:
+    """(exit status, stderr) of `python src/<script> args` run in this process, in cwd (faster than run_cli)."""
+    import contextlib
+    import io
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    before_cwd, before_argv = os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = [str(script), *map(str, args)]
+    err = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(before_cwd)
+        sys.argv = before_argv
+    return code, err.getvalue()
+
+
+def hashes(folder: Path) -> dict[str, str | None]:
+    """Every file's sha256 and every folder (None) under folder, by relative path; links are not followed."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
 def only_line(text: str) -> str:

@@ -151,7 +151,7 @@ def test_non_finite_loss_exits_1_with_one_line(run_train, tmp_path):
     assert line.startswith("error: non-finite loss at epoch 0, step "), line
     assert "test error" not in out
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and metrics["error"] == line[len("error: "):]
+    assert metrics["status"] == "diverged" and metrics["error"] == line[len("error: "):]
     assert not (run / "checkpoints" / "last.ckpt").exists()  # the diverged epoch was not saved
 
 

@@ -98,7 +98,7 @@ def test_a_resume_drops_malformed_log_rows_and_a_figure_that_cannot_be_written_i
     (interrupted / "learning_curve.png").mkdir()  # a folder in the figure's place: its write is refused
     code, out, err = run_entry(f"resume={interrupted}")
     assert code == 0, err[-3000:]
-    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "finished"
     png = interrupted / "learning_curve.png"
     assert err.splitlines() == [
         f"warning: {log}: dropped 5 malformed rows (row 3: step='abc' is not a finite number); kept 2",
@@ -138,7 +138,8 @@ def test_read_epochs_and_plot_run_skip_what_is_not_a_finite_number(tmp_path):
     log.write_bytes(b"epoch,step,lr,train/loss\n0,9,0.05,2.0\nx,19,0.05,1.5\n1,19,abc,nan\n1.5,20,0.1,1.0\n"
                     b"2,29,1e999,\0\n-1,30,0.1,1.0\n3,39," + b"9" * 400 + b",0.5\n\xff,\xfe\n")
     assert learning_curve.read_epochs(log) == {"lr": {0: 0.05}, "train/loss": {0: 2.0, 3: 0.5}}
-    assert learning_curve.plot_run(tmp_path) == tmp_path / "learning_curve.png"
+    assert learning_curve.plot_run(tmp_path / "csv" / "metrics.csv", tmp_path / "learning_curve.png") == \
+        tmp_path / "learning_curve.png"
 
 
 @pytest.mark.timeout(120)  # before the fix: opening the FIFO waited for a writer for good
@@ -370,7 +371,7 @@ def test_a_run_whose_zca_cache_cannot_be_locked_trains_on_with_one_warning(run_e
     cache = re.escape(os.environ["ALLCONV_CACHE"])
     assert re.fullmatch(rf"warning: cannot lock {cache}/zca-[0-9a-f]{{16}}\.lock: No locks available \(ENOLCK\); "
                         rf"{re.escape(NO_LOCKS)}", only_line(err)), err
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
 
 
 # -- paths that are not files, settings this machine cannot honour -----------------------------------------------

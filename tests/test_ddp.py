@@ -16,7 +16,7 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batc
 
 
 def check_ranks(metrics: dict) -> list[dict]:
-    assert metrics["status"] == "ok" and metrics["ddp"]["world_size"] == 2
+    assert metrics["status"] == "finished" and metrics["ddp"]["world_size"] == 2
     ranks = metrics["ddp"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["weights"] == ranks[1]["weights"] and metrics["ddp"]["weights_identical"]

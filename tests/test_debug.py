@@ -113,7 +113,7 @@ def test_debug_fdr_runs_one_batch_into_a_debug_folder(run_entry, tmp_path):
     assert rc == 0, err[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "debug").glob("*/*_all_cnn_c")  # not outputs/<date>/, where real runs go
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "ok" and metrics["epochs"] == 1
+    assert metrics["status"] == "finished" and metrics["epochs"] == 1
     assert metrics["test_error"] * 8 == round(metrics["test_error"] * 8)  # one test batch of 8 images, not 16
     assert "config" in out and "Total params" in out  # the config tree and the model summary are printed
     # Lightning saves last.ckpt once at the end of a fit that saved none (fast_dev_run too): after one step of 3

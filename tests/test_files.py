@@ -22,7 +22,7 @@ import lightning as L
 import pytest
 import torch
 
-from allconv import preprocessing, training, visualize
+from allconv import preprocessing, run_record, training, visualize
 from allconv.callbacks import AtomicCheckpointIO, CostEstimate
 from allconv.csv_logger import CSVLogger
 from allconv.data import DeviceLoader
@@ -143,7 +143,7 @@ def _check_checkpoint(path: Path, value: float) -> None:
 
 
 def _json(path: Path, value: float) -> None:
-    training.write_json(path, {"test_error": value})
+    run_record.write_json(path, {"test_error": value})
 
 
 def _check_json(path: Path, value: float) -> None:
@@ -166,7 +166,7 @@ def _curve(path: Path, value: float) -> None:
     if not log.exists():
         log.parent.mkdir()
         log.write_text("epoch,step,train/acc,train/loss\n0,9,0.1,2.3\n1,19,0.2,2.1\n")
-    assert plot_run(path.parent, title=f"run {value}") == path
+    assert plot_run(log, path, title=f"run {value}") == path
 
 
 def _check_curve(path: Path, value: float) -> None:
@@ -468,7 +468,7 @@ def _assert_same_as(reference, run: Path) -> None:
     ref, out = reference.result()
     assert "estimate: 3 epochs x " in out  # the cost line of an ordinary run
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, run))
-    assert a["status"] == b["status"] == "ok" and a["epochs"] == b["epochs"] == EPOCHS
+    assert a["status"] == b["status"] == "finished" and a["epochs"] == b["epochs"] == EPOCHS
     assert (a["test_error"], a["val_error"]) == (b["test_error"], b["val_error"])
     wa, wb = _weights(ref), _weights(run)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -90,7 +90,7 @@ def test_cli_bf16_run_and_its_metrics(run_train, tmp_path, tiny_data):
                              "logger=csv", f"hydra.run.dir={run}")
     assert rc == 0, err[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "ok" and m["precision"] == "bf16-mixed" and m["epochs"] == 2
+    assert m["status"] == "finished" and m["precision"] == "bf16-mixed" and m["epochs"] == 2
     assert fractions_of(m["test_error"], 16) and fractions_of(m["val_error"], 8)
     rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert [int(r["epoch"]) for r in rows] == [0, 1]
@@ -105,7 +105,7 @@ def test_cli_bf16_non_finite_loss_is_caught(run_train, tmp_path, tiny_data):
                              "logger=none", f"hydra.run.dir={run}")
     assert rc == 1, (rc, err[-3000:])
     assert only_line(err).startswith("error: non-finite loss at epoch 0")
-    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "diverged"
 
 
 @pytest.mark.system
@@ -117,7 +117,7 @@ def test_cli_compiled_network(run_train, tmp_path, tiny_data):
                              "model.compile=true", "logger=none", f"hydra.run.dir={run}", timeout=280)
     assert rc == 0, err[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "ok" and fractions_of(m["test_error"], 16)
+    assert m["status"] == "finished" and fractions_of(m["test_error"], 16)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in k for k in state)  # the weights once, under their own names
     assert all(k.startswith("net.") for k in state)

@@ -70,11 +70,11 @@ def test_worker_processes_claim_distinct_slots(tmp_path, monkeypatch):
 
 # -- the launchers, end to end ------------------------------------------------------------------------
 def _jobs(sweep: Path) -> dict[str, dict]:
-    """Each job's metrics.json, and its start (Hydra writes .hydra/config.yaml before the job runs) and end."""
+    """Each job's metrics.json, and its start (identity.json is written when the job starts) and end."""
     out = {}
     for m in sorted(sweep.glob("*/metrics.json")):
         record = json.loads(m.read_text())
-        record["_start"], record["_end"] = (m.parent / ".hydra" / "config.yaml").stat().st_mtime, m.stat().st_mtime
+        record["_start"], record["_end"] = (m.parent / "identity.json").stat().st_mtime, m.stat().st_mtime
         out[m.parent.name] = record
     return out
 
@@ -85,8 +85,8 @@ LRS = "optim.lr=0.05,0.01,1e30"  # lr 1e30 passes every check and diverges in it
 def _check_jobs(jobs: dict[str, dict]) -> None:
     assert sorted(jobs) == ["0_all_cnn_c_lr0.05_s0", "1_all_cnn_c_lr0.01_s0", "2_all_cnn_c_lr1e+30_s0"]
     first, second, failed = jobs.values()
-    assert first["status"] == second["status"] == "ok" and first["epochs"] == second["epochs"] == 2
-    assert failed["status"] == "failed" and "non-finite loss" in failed["error"]  # the others still finished
+    assert first["status"] == second["status"] == "finished" and first["epochs"] == second["epochs"] == 2
+    assert failed["status"] == "diverged" and "non-finite loss" in failed["error"]  # the others still finished
     assert first["_start"] < second["_end"] and second["_start"] < first["_end"]  # the first two ran at the same time
 
 
@@ -119,7 +119,8 @@ def test_submitit_local_runs_a_two_job_grid(tmp_path):
     assert last_line(err).startswith("error: 1 of 2 jobs failed: job 1 (1_all_cnn_c_lr1e+30_s0): non-finite loss")
     jobs = _jobs(sweep)
     assert sorted(jobs) == ["0_all_cnn_c_lr0.05_s0", "1_all_cnn_c_lr1e+30_s0"]
-    assert jobs["0_all_cnn_c_lr0.05_s0"]["status"] == "ok" and jobs["1_all_cnn_c_lr1e+30_s0"]["status"] == "failed"
+    assert jobs["0_all_cnn_c_lr0.05_s0"]["status"] == "finished"
+    assert jobs["1_all_cnn_c_lr1e+30_s0"]["status"] == "diverged"
     assert len(list((sweep / ".submitit").glob("*/*_submitted.pkl"))) == 2  # each job pickled, as for SLURM
 
 

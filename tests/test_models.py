@@ -274,7 +274,7 @@ def test_every_network_names_its_downsampling_and_class_layers(family, variant):
 def test_initialisation_draws_in_forward_order(family, variant):
     """The nested, named build draws the same random numbers as a flat chain of its convs built in order."""
     torch.manual_seed(0)
-    net = models.build(family, variant, width=0.25)
+    net = models.build(family, variant, width=0.25, final_weights="init", pool_gain=False)  # He init, every conv
     torch.manual_seed(0)
     flat, cin = [], 3
     for out, k, stride in paper_convs(family, variant, width=0.25):
@@ -299,9 +299,9 @@ def _rms_into(net, name: str, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("family, variant", models.all_networks())
 def test_pool_gain_scales_only_the_conv_after_each_max_pool_by_that_pools_gain(family, variant):
     torch.manual_seed(0)
-    plain = models.build(family, variant, width=0.25, final_bias=1.0)
+    plain = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="init", pool_gain=False)
     torch.manual_seed(0)
-    fixed = models.build(family, variant, width=0.25, final_bias=1.0, pool_gain=True)
+    fixed = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="init", pool_gain=True)
     p, q = plain.state_dict(), fixed.state_dict()
     changed = sorted(k for k in p if not torch.equal(p[k], q[k]))
     if variant in ("strided", "allcnn"):  # no max-pool: He init as before, bit for bit
@@ -342,9 +342,9 @@ def test_pool_gain_is_on_by_default(compose_cfg):
 @pytest.mark.parametrize("family, variant", [("a", "convpool"), ("c", "allcnn")])
 def test_final_weights_zero_starts_every_class_map_at_the_final_bias(family, variant):
     torch.manual_seed(0)
-    init = models.build(family, variant, width=0.25, final_bias=1.0)
+    init = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="init", pool_gain=False)
     torch.manual_seed(0)
-    zero = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="zero")
+    zero = models.build(family, variant, width=0.25, final_bias=1.0, final_weights="zero", pool_gain=False)
     assert (zero.head.classes.weight == 0).all() and (init.head.classes.weight != 0).any()
     assert (zero.head.classes.bias == 1.0).all()
     a, b = init.state_dict(), zero.state_dict()  # the layers below are initialised as before

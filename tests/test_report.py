@@ -9,17 +9,21 @@ from pathlib import Path
 import matplotlib
 import matplotlib.text
 import pytest
-import yaml
 
 from allconv import report
 from allconv.report import curves, pages, runs, table
+from conftest import write_identity
 
 
 def write_run(root: Path, model: str, lr: float, seed: int, test: float | None = None, val: float | None = None,
               status: str = "ok", **extra) -> Path:
     run = root / f"{model}_lr{lr}_s{seed}"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- optim.lr={lr}\n- seed={seed}\n")
+    run.mkdir(parents=True)
+    family, variant = {"all_cnn_c": ("c", "allcnn"), "model_a": ("a", "base"), "model_c": ("c", "base")}[model]
+    settings = {"model.family": family, "model.variant": variant, "optim.lr": lr, "seed": seed}
+    settings |= {f"{section}.{key}": extra[key] for section, key in (("optim", "max_update_norm"), ("data", "augment"))
+                 if key in extra}  # a run's identity records what its metrics.json repeats
+    (run / "identity.json").write_text(json.dumps({"settings": settings, "data": "x"}))
     if status == "incomplete":
         return run
     m = {"status": status, "model": model, "lr": lr, "seed": seed}
@@ -43,7 +47,7 @@ def test_lr_selected_on_test_with_failed_incomplete_and_missing_runs(tmp_path):
     write_run(sweep, "model_a", 0.1, 0, test=0.5)
     write_run(sweep, "model_a", 0.05, 0, test=0.4)
     write_run(sweep, "model_a", 0.1, 1, status="failed")
-    write_run(sweep, "model_a", 0.05, 1, status="incomplete")  # killed: .hydra but no metrics.json
+    write_run(sweep, "model_a", 0.05, 1, status="incomplete")  # killed: identity.json but no metrics.json
     bad = write_run(sweep, "model_a", 0.25, 0, test=0.1)
     (bad / "metrics.json").write_text('{"status": "ok", "test_er')  # torn file from a dead disk
     text, out = table.report([sweep])
@@ -56,7 +60,7 @@ def test_lr_selected_on_test_with_failed_incomplete_and_missing_runs(tmp_path):
     assert a[2].startswith("0.05") and a[5] == "40.00"  # one seed: no std
     assert a[6] == "12.47" and a[7] == "15.16"
     assert "## Failed or incomplete runs" in text
-    assert "| failed | non-finite loss" in text and "| incomplete |" in text and "| unreadable |" in text
+    assert "| diverged | non-finite loss" in text and "| started |" in text and "| unreadable |" in text
     assert "- model_a, lr 0.25, seed 1" in text and "- all_cnn_c, lr 0.25, seed 0" in text  # never launched
     assert (out / "report.md").read_text() == text
     png = (out / "report.png").read_bytes()
@@ -95,14 +99,14 @@ def test_no_runs_is_one_line_error(tmp_path, capsys, case):
     assert not (target / "report.md").exists()
 
 
-# --- runs as the lr study writes them: metrics.json, csv/metrics.csv, .hydra/{config,overrides}.yaml ---
+# --- runs as the lr study writes them: metrics.json, csv/metrics.csv, identity.json ---
 
 CSV_HEADER = ("epoch,epoch_time_s,lr,optim/clip_norm,optim/clipped_frac,step,train/acc,train/grad_norm,train/loss,"
               "val/error,val/loss")
 
 
 def study_config(lr: float, cap: float | None, epochs: int) -> dict:
-    """The keys of a real run's .hydra/config.yaml that the report reads, in their places."""
+    """The settings of a real run's identity.json that the report reads, in their places."""
     return {"model": {"family": "c", "variant": "allcnn", "width": 0.25, "dropout_input": 0.2},
             "data": {"source": "npz", "path": "data/cifar10-jpeg-arrays.npz", "preprocess": "gcn_zca",
                      "val_size": 5000, "augment": False, "batch_size": 128, "num_classes": 10},
@@ -115,12 +119,8 @@ def write_study_run(root: Path, num: int, lr: float, cap: float | None, curve: l
                     test: float | None = None, wall: float = 600.0) -> Path:
     """curve: (val error, train loss, train acc) per epoch; test None = killed before metrics.json."""
     run = root / f"{num}_lr{lr}_cap{cap}"
-    (run / ".hydra").mkdir(parents=True)
+    write_identity(run, study_config(lr, cap, epochs=6))
     (run / "csv").mkdir()
-    config = study_config(lr, cap, epochs=6)
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    cap_override = "- optim.max_update_norm=null\n" if cap is None else ""
-    (run / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n{cap_override}- experiment=lr_study_cpu\n")
     rows, step = [CSV_HEADER], 0
     for epoch, (val, loss, acc) in enumerate(curve):
         step += 352
@@ -228,7 +228,7 @@ def test_curves_page_and_figure_say_what_was_run(study):
     assert text.startswith(f"# All-CNN-C: learning rate and update cap\n\n**{label}**\n")
     assert " ".join(drawn.split()).count(label) == 1  # wrapped over lines in the suptitle
     for legend in ("lr 0.25, cap 0.125 — died at epoch 3", "lr 0.1, cap 0.125", "lr 0.05, cap 0.125",
-                   "lr 0.05, no cap", "lr 0.001, cap 0.125 — incomplete"):
+                   "lr 0.05, no cap", "lr 0.001, cap 0.125 — started"):
         assert legend in drawn.splitlines(), legend
     assert "lr ×0.1" in drawn and "chance: ln 10" in drawn
     val_ax = study["figure"].axes[0]
@@ -272,15 +272,16 @@ def test_table1_keeps_runs_apart_that_differ_only_in_the_cap(study, tmp_path):
     text, _ = table.report([study["sweep"]], out=tmp_path, plot=False)
     row = table_rows(text)["All-CNN-C"]
     assert row[2] == "0.1, cap 0.125 (of 5)" and row[3] == "validation" and row[4] == "0" and row[5] == "29.00"
-    assert "| 0.001, cap 0.125 | 0 | incomplete |" in text
+    assert "| 0.001, cap 0.125 | 0 | started |" in text
     assert "**Not the paper's setting: width 0.25, 6 epochs, JPEG copy of CIFAR-10" in text
 
 
 def test_cap_from_metrics_json_when_there_is_no_saved_config(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep, "all_cnn_c", 0.05, 0, test=0.30, val=0.31, max_update_norm=0.125)
-    plain = write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
-    assert not (plain / ".hydra" / "config.yaml").exists()
+    write_run(sweep / "plain", "all_cnn_c", 0.05, 0, test=0.20, val=0.32, max_update_norm=None)
+    for run in sweep.rglob("identity.json"):  # folders that record no settings: metrics.json says the cap
+        run.unlink()
     text, _ = table.report([sweep], plot=False)
     assert table_rows(text)["All-CNN-C"][2:6] == ["0.05, cap 0.125 (of 2)", "validation", "0", "30.00"]
     assert "update cap 0.125 or none" in text
@@ -320,11 +321,11 @@ def test_settings_label_says_when_runs_match_the_paper(tmp_path):
     cfg = study_config(0.05, None, epochs=350)
     cfg["model"]["width"], cfg["data"] = 1.0, {"source": "cifar10", "preprocess": "gcn_zca", "val_size": 0,
                                                "augment": False}
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_identity(run, cfg)
     assert runs.settings_label([runs.read_run(run)]) == ("The paper's setting (width 1, 350 epochs, CIFAR-10, "
                                                              "no augmentation).")
     cfg["data"]["augment"] = True
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_identity(run, cfg)
     assert runs.settings_label([runs.read_run(run)]).startswith(
         "Not the paper's setting: augmentation (flips, translations) (the paper:")
 

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from allconv import report
+from allconv import models, report
 from allconv.report import grid, runs, table
+from conftest import write_identity
 
 NAMES = {m: table.NAME[m] for m in runs.ORDER}
 
@@ -19,14 +19,13 @@ NAMES = {m: table.NAME[m] for m in runs.ORDER}
 def write_table_run(root: Path, model: str, test: float, lr: float = 0.05, cap: float | None = 0.125,
                     curve: list[tuple[float, float, float]] | None = None, status: str = "ok",
                     error: str = "", seed: int = 0, final_weights: str = "zero", spread: float | None = None) -> Path:
-    """A finished run folder as train.py leaves it: metrics.json, .hydra/config.yaml, csv/metrics.csv."""
+    """A finished run folder as train.py leaves it: metrics.json, identity.json, csv/metrics.csv."""
     run = root / f"{model}_lr{lr}_cap{cap}_{final_weights}_s{seed}"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n- optim.lr={lr}\n- seed={seed}\n")
-    config = {"model": {"width": 0.25, "final_weights": final_weights},
+    family, variant = next((f, v) for f, v in models.all_networks() if models.config_name(f, v) == model)
+    config = {"model": {"family": family, "variant": variant, "width": 0.25, "final_weights": final_weights},
               "data": {"source": "npz", "path": "cifar10-jpeg-arrays.npz", "num_classes": 10, "augment": False},
               "optim": {"lr": lr, "max_update_norm": cap}, "trainer": {"max_epochs": 2}, "seed": seed}
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    write_identity(run, config)
     (run / "csv").mkdir()
     curve = curve or [(2.0, 0.3, 0.5), (1.6, 0.45, 0.9)]  # (train loss, train accuracy, gradient norm) per epoch
     rows = ["epoch,train/loss,train/acc,train/grad_norm,step"] + [
@@ -124,8 +123,9 @@ def test_grid_counts_seeds_per_cell_and_keeps_other_settings_apart(tmp_path):
 
 
 def test_a_long_value_in_a_saved_config_names_its_panel_in_80_characters(tmp_path):
-    crafted = write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1) / ".hydra" / "config.yaml"
-    crafted.write_text(crafted.read_text().replace("final_weights: zero", "final_weights: " + "x" * 10_000))
+    crafted = write_table_run(tmp_path, "all_cnn_c", 0.40, lr=0.1) / "identity.json"
+    crafted.write_text(crafted.read_text().replace('"model.final_weights": "zero"',
+                                                   '"model.final_weights": "' + "x" * 10_000 + '"'))
     write_table_run(tmp_path, "all_cnn_c", 0.50, lr=0.1, seed=1)
     found = grid.cells([grid.trace(r) for r in runs.find_runs([tmp_path])])
     assert sorted(len(v) for c in found for _, v in c.setting) == [4, 80]
@@ -143,8 +143,7 @@ def test_a_long_value_in_a_saved_config_names_its_panel_in_80_characters(tmp_pat
 def test_malformed_metrics_are_listed_never_ranked(tmp_path, content, reason):
     good = write_table_run(tmp_path, "all_cnn_c", 0.30, lr=0.1)
     bad = tmp_path / "bad_run"
-    (bad / ".hydra").mkdir(parents=True)
-    (bad / ".hydra" / "overrides.yaml").write_text("- model=all_cnn_c\n- optim.lr=0.05\n")
+    write_identity(bad, {"model": {"family": "c", "variant": "allcnn"}, "optim": {"lr": 0.05}})
     (bad / "metrics.json").write_text(content)
     found = {r.path.name: r for r in runs.find_runs([tmp_path])}
     assert found["bad_run"].status == "unreadable" and reason in found["bad_run"].error
@@ -158,6 +157,6 @@ def test_malformed_metrics_are_listed_never_ranked(tmp_path, content, reason):
 
 def test_a_malformed_saved_config_is_ignored_not_a_crash(tmp_path):
     run = write_table_run(tmp_path, "all_cnn_c", 0.30)
-    (run / ".hydra" / "config.yaml").write_text("model: [1, 2]\noptim: {max_update_norm: banana}\n")
-    assert runs.read_run(run).config == {} and runs.read_run(run).status == "ok"
+    (run / "identity.json").write_text('{"settings": {"model": [1, 2], "optim.max_update_norm": "banana"}}')
+    assert runs.read_run(run).config == {} and runs.read_run(run).status == "finished"
     assert report.main([str(tmp_path), "--no-plot"]) == 0

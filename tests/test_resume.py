@@ -117,9 +117,10 @@ def test_resume_argv_and_refusals(tmp_path, killed_and_resumed):
     run = tmp_path / "run"
     with pytest.raises(ResumeError, match="no such directory"):
         expand_argv(["train.py", f"resume={run}"])
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- model=model_a\n- optim.lr=0.1\n- ckpt_path=old\n"
-                                                   "- data.root=/elsewhere\n- data.cache_dir=/elsewhere\n")
+    run.mkdir(parents=True)
+    overrides = ["model=model_a", "optim.lr=0.1", "ckpt_path=old", "data.root=/elsewhere", "data.cache_dir=/elsewhere"]
+    (run / "identity.json").write_text(json.dumps({"format": 2, "settings": {}, "overrides": overrides, "data": "x",
+                                                   "inputs": "y", "fit": [], "precision": "32-true", "cwd": "/"}))
     # no checkpoint yet: the run is started again in its folder, from no checkpoint
     assert expand_argv(["train.py", f"resume={run}"]) == ["train.py", "model=model_a", "optim.lr=0.1",
                                                           f"hydra.run.dir='{run}'", "hydra.mode=RUN"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from allconv import run_folder
+from allconv import sweep_folder
+from allconv.run_folder import RunFolder
 from conftest import PYTHON, TRAIN_PY, only_line, run_cli, write_npz
 from test_resume import csv_rows, trained_epochs
 
@@ -69,16 +70,16 @@ def relaunched(tmp_path_factory):
 def test_relaunched_sweep_skips_finished_continues_interrupted_runs_the_rest(relaunched):
     _, _, sweep, before, err = relaunched
     assert before[1]["metrics.json"][0] and json.loads(before[1]["metrics.json"][0])["status"] == "interrupted"
-    # the finished job: its files untouched (Hydra writes the job's .hydra/ again at every launch: same bytes)
+    # the finished job: its files untouched, bytes and times (nothing, Hydra included, writes a finished run)
     after = snapshot(job(sweep, 0))
     assert after.keys() == before[0].keys()
     for name, (data, mtime) in after.items():
         assert data == before[0][name][0], name
-        assert name.startswith(".hydra/") or mtime == before[0][name][1], name
+        assert mtime == before[0][name][1], name
     assert f"{job(sweep, 0)}: already finished (test error" in err
     assert f"{job(sweep, 1)}: continuing from checkpoints/last.ckpt (epoch" in err
     metrics = {n: json.loads((job(sweep, n) / "metrics.json").read_text()) for n in range(3)}
-    assert all(m["status"] == "ok" and m["epochs"] == EPOCHS for m in metrics.values())
+    assert all(m["status"] == "finished" and m["epochs"] == EPOCHS for m in metrics.values())
     # job 1 trained each epoch once (its csv continued: no epoch trained twice), job 2 from scratch
     assert trained_epochs(csv_rows(job(sweep, 1))) == trained_epochs(csv_rows(job(sweep, 2))) == list(range(EPOCHS))
     assert sorted(p.name for p in (job(sweep, 1) / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -112,19 +113,18 @@ def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(relaunched):
     (run / "metrics.json").rename(run / "metrics.done")  # interrupted again, as far as the folder says
     try:
         everything = snapshot(run)
-        run_folder.hold(run)  # this process trains it
+        RunFolder(run).hold()  # this process trains it
         rc, out, err = run_cli(f"resume={run}", cwd=tmp)
         assert rc == 2 and only_line(err) == (f"error: {run} is being trained by another process; wait for it to "
                                               f"end (two processes cannot train one run)")
         assert snapshot(run) == everything
     finally:
-        run_folder.release(run)
+        RunFolder(run).release()
         (run / "metrics.done").rename(run / "metrics.json")
 
 
 def _fake_run(folder: Path, status: str | None, ckpt: bool) -> Path:
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text("[]\n")
+    folder.mkdir(parents=True)
     if status:
         (folder / "metrics.json").write_text(json.dumps({"status": status, "test_error": 0.5}))
     if ckpt:
@@ -150,13 +150,13 @@ def test_a_new_run_into_a_folder_that_holds_a_run_is_refused(run_entry, tmp_path
 
 
 def test_plan_of_a_sweep_job_follows_its_folder(tmp_path):
-    assert run_folder.plan_sweep_job(tmp_path / "absent").action == "train"
-    assert run_folder.plan_sweep_job(_fake_run(tmp_path / "started", "failed", False)).action == "train"
-    done = run_folder.plan_sweep_job(_fake_run(tmp_path / "done", "ok", True))
+    assert sweep_folder.plan_job(RunFolder(tmp_path / "absent")).action == "train"
+    assert sweep_folder.plan_job(RunFolder(_fake_run(tmp_path / "started", "failed", False))).action == "train"
+    done = sweep_folder.plan_job(RunFolder(_fake_run(tmp_path / "done", "ok", True)))
     assert done.action == "skip" and done.metrics["test_error"] == 0.5
     from allconv.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"broken/checkpoints/last\.ckpt"):  # a damaged one is not trained over
-        run_folder.plan_sweep_job(_fake_run(tmp_path / "broken", "interrupted", True))
+        sweep_folder.plan_job(RunFolder(_fake_run(tmp_path / "broken", "interrupted", True)))
     (tmp_path / "done" / "metrics.json").write_text("{not json")
-    assert run_folder.state(tmp_path / "done") == "interrupted"  # a metrics.json that does not parse is no result
+    assert RunFolder(tmp_path / "done").state() == "interrupted"  # a metrics.json that does not parse is no result

@@ -4,56 +4,24 @@ entry point in this process (allconv.run_folder is the one model every command a
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
-import io
 import json
 import os
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from allconv import run_folder
-from allconv.errors import ResumeError, RunFolderError
-from allconv.resume import expand_argv
-from conftest import SRC, TRAIN_PY, only_line, write_npz
+from allconv import run_folder, run_record, sweep_folder
+from allconv.errors import RunFolderError
+from allconv.run_folder import RunFolder
+from conftest import SRC, hashes, invoke, only_line, write_npz
 
 EVAL_PY = SRC / "eval.py"
 RUN = ["data=npz", "data.path=data.npz", "data.preprocess=standardize", "model.width=0.125", "trainer.max_epochs=1",
        "data.batch_size=16", "data.eval_batch_size=16", "logger=csv", "callbacks.progress_bar=none",
        "trainer.enable_progress_bar=false", "print_config=false", "callbacks.guided_backprop.every_n_epochs=0"]
-
-
-def invoke(*args: str, cwd: Path, script: Path = TRAIN_PY) -> tuple[int, str]:
-    """(exit status, stderr) of `python src/<script> args` run in this process, in cwd."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    before_cwd, before_argv = os.getcwd(), sys.argv
-    os.chdir(cwd)
-    sys.argv = [str(script), *map(str, args)]
-    err = io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        GlobalHydra.instance().clear()
-        os.chdir(before_cwd)
-        sys.argv = before_argv
-    return code, err.getvalue()
-
-
-def hashes(folder: Path) -> dict[str, str | None]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
 def weights(run: Path) -> dict:
@@ -83,11 +51,11 @@ def test_a_folder_holding_only_the_users_log_takes_a_new_run(made, tmp_path):
     folder.mkdir()
     (folder / "train.log").write_text("my log\n")
     (folder / "notes.md").write_text("why I ran this\n")
-    assert run_folder.state(folder) == "new"
+    assert RunFolder(folder).state() == "new"
     code, err = invoke(*RUN, f"data.path={made / 'data.npz'}", f"hydra.run.dir={folder}", cwd=tmp_path)
     assert code == 0, err[-3000:]
     assert (folder / "train.log").read_text() == "my log\n" and (folder / "notes.md").read_text() == "why I ran this\n"
-    assert json.loads((folder / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "finished"
 
 
 def test_a_copied_run_resumed_elsewhere_to_more_epochs_ends_as_its_uninterrupted_twin(made, tmp_path):
@@ -140,14 +108,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_by_its_own_comman
     run = Path(shutil.copytree(made / "run", tmp_path / "run"))
     shutil.rmtree(run / "checkpoints")
     (run / "metrics.json").write_text(json.dumps({"status": "interrupted", "error": "killed"}))
-    assert run_folder.state(run) == "started"
+    assert RunFolder(run).state() == "started"
     before = hashes(run)
     code, err = invoke(*RUN, "optim.lr=0.1", f"hydra.run.dir={run}", cwd=made)  # another command: refused
     assert code == 2 and "holds a run with other settings (optim.lr 0.05 vs 0.1)" in only_line(err)
     assert hashes(run) == before
     code, err = invoke(*RUN, f"hydra.run.dir={run}", cwd=made)
     assert code == 0, err[-3000:]
-    assert run_folder.state(run) == "finished"
+    assert RunFolder(run).state() == "finished"
 
 
 def test_eval_leaves_a_failed_runs_record_as_it_was(made, tmp_path):
@@ -199,7 +167,7 @@ def test_a_relaunch_with_one_more_learning_rate_trains_only_the_new_run(made, sw
     assert sorted(after) == sorted([*before, "0_all_cnn_c_lr0.2_s0"])
     assert all(after[name] == before[name] for name in before)  # the finished runs: not trained again
     assert err.count(": already finished (test error") == 2
-    assert json.loads((folder / run_folder.JOBS).read_text())["folders"] == {
+    assert json.loads((folder / "jobs.json").read_text())["folders"] == {
         "0": "0_all_cnn_c_lr0.2_s0", "1": "0_all_cnn_c_lr0.05_s0", "2": "1_all_cnn_c_lr0.1_s0"}
     from allconv.report import runs
 
@@ -215,13 +183,24 @@ def test_jobs_that_would_share_a_folder_are_refused_before_any_starts(made, tmp_
     assert not (tmp_path / "sweep").exists()
 
 
+def as_made_before_final_weights(job: Path) -> None:
+    """A run folder as the project wrote it before model.final_weights existed: identity.json of format 1
+    (settings as written), a checkpoint that carries no copy of it and saves no final_weights."""
+    identity = json.loads((job / "identity.json").read_text())
+    settings = {k: v for k, v in identity["settings"].items() if k != "model.final_weights"}
+    settings["data.drop_last"] = "${model.compile}"
+    (job / "identity.json").write_text(json.dumps({"settings": settings, "data": identity["data"],
+                                                   "cwd": identity["cwd"]}))
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["callbacks"]["RunIdentity"]
+    del ckpt["hyper_parameters"]["config"]["model"]["final_weights"]
+    torch.save(ckpt, job / "checkpoints" / "last.ckpt")
+
+
 def test_a_sweep_made_before_a_key_existed_relaunches_with_the_value_the_message_names(made, sweep, tmp_path):
     folder = sweep_copy(sweep, tmp_path / "sweep")
-    for job in folder.glob("*_s0"):  # as the project wrote them before model.final_weights existed
-        (job / run_folder.IDENTITY).unlink()
-        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        del config["model"]["final_weights"]
-        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    for job in folder.glob("*_s0"):
+        as_made_before_final_weights(job)
     code, err = invoke("-m", *RUN, "optim.lr=0.05,0.1", f"hydra.sweep.dir={folder}", cwd=made)
     assert code == 2
     line = only_line(err)
@@ -234,7 +213,7 @@ def test_a_sweep_made_before_a_key_existed_relaunches_with_the_value_the_message
 
 
 # -- crafted folders: links, FIFOs, alias bombs ----------------------------------------------------------------
-@pytest.mark.parametrize("linked", [".hydra", "checkpoints", "csv", "metrics.json"])
+@pytest.mark.parametrize("linked", ["identity.json", "checkpoints", "csv", "metrics.json"])
 def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(made, tmp_path, linked):
     run = interrupted_copy(made / "run", tmp_path / "run")
     outside = tmp_path / "outside"
@@ -252,75 +231,45 @@ def test_a_link_in_a_run_folder_is_refused_and_nothing_is_written_through_it(mad
 
 
 @pytest.mark.timeout(60)
-def test_an_alias_bomb_or_a_fifo_in_the_record_is_refused_without_hanging(made, tmp_path):
+def test_a_fifo_in_the_record_is_refused_without_hanging(made, tmp_path):
     run = interrupted_copy(made / "run", tmp_path / "run")
-    levels = zip("abcdefgh", "bcdefghi", strict=True)
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in levels)
-    (run / run_folder.IDENTITY).unlink()
-    (run / ".hydra" / "config.yaml").write_text(bomb)
+    (run / "identity.json").unlink()
+    os.mkfifo(run / "identity.json")
     code, err = invoke(f"resume={run}", cwd=made)
     assert code == 2
-    assert only_line(err).endswith("config.yaml holds YAML anchors or aliases; a saved config has none, refused")
-    os.unlink(run / ".hydra" / "overrides.yaml")
-    os.mkfifo(run / ".hydra" / "overrides.yaml")
-    with pytest.raises(ResumeError, match=r"overrides.yaml is a FIFO, not a regular file"):
-        expand_argv(["train.py", f"resume={run}"])
+    assert only_line(err).startswith(f"error: {run / 'identity.json'} is a FIFO, not a plain file")
     os.mkfifo(run / "metrics.json")
-    assert run_folder.state(run) == "interrupted"  # a FIFO is no result, and reading it does not block
+    assert RunFolder(run).state() == "interrupted"  # a FIFO is no result, and reading it does not block
 
 
 def test_records_nested_thousands_deep_are_refused(tmp_path):
     (tmp_path / "metrics.json").write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(RunFolderError, match="nested"):
-        run_folder.read_json(tmp_path / "metrics.json")
-    (tmp_path / "config.yaml").write_text("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200)) + "  " * 200
-                                          + "v: 1\n")
+        run_record.read_json(tmp_path / "metrics.json")
+    (tmp_path / "identity.json").write_text("{\"settings\": " + '{"a": ' * 100 + "1" + "}" * 101)
     with pytest.raises(RunFolderError, match="nested more than 64 levels"):
-        run_folder.read_yaml(tmp_path / "config.yaml")
-    assert run_folder.finished_metrics(tmp_path) is None
+        RunFolder(tmp_path).read_identity()
+    assert RunFolder(tmp_path).finished() is None
 
 
 def test_a_poisoned_jobs_file_cannot_send_a_job_outside_its_sweep(tmp_path):
     for name in ("../outside", "/etc", "", "a/b"):
-        (tmp_path / run_folder.JOBS).write_text(json.dumps({"folders": {"0": name}}))
+        (tmp_path / "jobs.json").write_text(json.dumps({"folders": {"0": name}}))
         with pytest.raises(RunFolderError, match="names no folder for job 0"):
-            run_folder._job_folder(str(tmp_path), 0)
+            sweep_folder.job_folder(str(tmp_path), 0)
 
 
 # -- Hydra's writes and the lock --------------------------------------------------------------------------------
-def test_hydras_config_writes_are_atomic_and_replace_links(tmp_path):
-    import inspect
-
-    from hydra._internal.core_plugins import basic_sweeper
-    from hydra.core import utils
-    from omegaconf import OmegaConf
-
-    from allconv import hydra_private
-
-    hydra_private.install()  # as the pre-flight does before a sweep (Hydra's plugin scan reloads the sweeper)
-
-    # the private names replaced: Hydra still calls them this way (this fails when it does not)
-    assert "_save_config(task_cfg, \"config.yaml\", hydra_output)" in inspect.getsource(utils.run_job)
-    assert 'OmegaConf.save(self.config, sweep_dir / "multirun.yaml")' in inspect.getsource(basic_sweeper)
-    victim = tmp_path / "victim.yaml"
-    victim.write_text("precious\n")
-    out = tmp_path / "run" / ".hydra"
-    out.mkdir(parents=True)
-    (out / "config.yaml").symlink_to(victim)
-    utils._save_config(OmegaConf.create({"a": 1}), "config.yaml", out)
-    assert victim.read_text() == "precious\n" and not (out / "config.yaml").is_symlink()
-    assert (out / "config.yaml").read_text() == "a: 1\n"
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    linked = tmp_path / "run2" / ".hydra"
-    linked.parent.mkdir()
-    linked.symlink_to(elsewhere)
-    utils._save_config(OmegaConf.create({"a": 1}), "hydra.yaml", linked)
-    assert list(elsewhere.iterdir()) == [] and linked.is_dir() and not linked.is_symlink()
-    (tmp_path / "multirun.yaml").symlink_to(victim)
-    basic_sweeper.OmegaConf.save(OmegaConf.create({"b": 2}), tmp_path / "multirun.yaml")
-    assert victim.read_text() == "precious\n" and (tmp_path / "multirun.yaml").read_text() == "b: 2\n"
+def test_hydra_writes_nothing_into_a_run_and_a_link_there_is_left_alone(made, tmp_path):
+    """The record is the project's own: no .hydra/ in a run, so a link at that name leads nowhere."""
+    assert not (made / "run" / ".hydra").exists()
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (run / ".hydra").symlink_to(victim)
+    code, err = invoke(f"resume={run}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert list(victim.iterdir()) == [] and RunFolder(run).state() == "finished"
 
 
 @pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
@@ -331,13 +280,13 @@ def test_a_filesystem_without_locks_warns_once_and_the_run_goes_on(tmp_path, mon
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(fcntl, "flock", refuse)
-    run_folder.hold(tmp_path)
+    RunFolder(tmp_path).hold()
     try:
         line = only_line(capsys.readouterr().err)
         assert line.startswith(f"warning: cannot lock {tmp_path.resolve()}: ")
         assert line.endswith("nothing now stops a second process from training this run at the same time")
     finally:
-        run_folder.release(tmp_path)
+        RunFolder(tmp_path).release()
 
 
 def test_the_report_counts_a_copied_run_once(made, tmp_path):
@@ -346,7 +295,7 @@ def test_the_report_counts_a_copied_run_once(made, tmp_path):
     for name in ("run", "copy of run"):
         shutil.copytree(made / "run", tmp_path / name)
     found = runs.find_runs([tmp_path])
-    assert [r.path.name for r in found] == ["copy of run"] and found[0].status == "ok"
+    assert [r.path.name for r in found] == ["copy of run"] and found[0].status == "finished"
 
 
 @pytest.mark.parametrize("name, make, kind", [
@@ -385,13 +334,14 @@ def test_a_sweep_job_folder_that_is_a_link_is_refused(made, sweep, tmp_path):
 def test_a_job_never_takes_another_runs_folder(made, sweep, compose_cfg):
     """What a job checks itself (a requeued job, or a jobs.json edited between the launch and the job)."""
     cfg = compose_cfg(*RUN, "optim.lr=0.05")
-    run_folder.check_identity(sweep / "0_all_cnn_c_lr0.05_s0", cfg)
+    run_folder.check_job(RunFolder(sweep / "0_all_cnn_c_lr0.05_s0"), cfg)
     with pytest.raises(RunFolderError, match=r"holds another run \(optim.lr 0.1 vs 0.05\); this job does not"):
-        run_folder.check_identity(sweep / "1_all_cnn_c_lr0.1_s0", cfg)
+        run_folder.check_job(RunFolder(sweep / "1_all_cnn_c_lr0.1_s0"), cfg)
 
 
 @pytest.mark.parametrize("out_dir, message", [
-    ("run/checkpoints", "is inside the record of the run"), ("run/.hydra/figures", "is inside the record of the run"),
+    ("run/checkpoints", "is inside the record of the run"),
+    ("run/checkpoints/figures", "is inside the record of the run"),
     ("run/visualize/x", "is a symbolic link"),
 ])
 def test_visualize_never_writes_a_runs_record_or_through_a_link(made, tmp_path, out_dir, message):

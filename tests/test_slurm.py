@@ -127,7 +127,7 @@ def _check_twins(sweep: Path, job: str, signal_name: str) -> None:
     assert step0 == step1 == EPOCHS * STEPS_PER_EPOCH
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     m0, m1 = (json.loads((r / "metrics.json").read_text()) for r in runs)
-    assert m0["status"] == m1["status"] == "ok" and m0["epochs"] == m1["epochs"] == EPOCHS
+    assert m0["status"] == m1["status"] == "finished" and m0["epochs"] == m1["epochs"] == EPOCHS
     assert m0["test_error"] == m1["test_error"]
     assert sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["last.ckpt"]  # no last-v1, no hpc_ckpt
     rows0, rows1 = ([r["epoch"] for r in csv.DictReader((r / "csv" / "metrics.csv").open())] for r in runs)
@@ -167,7 +167,7 @@ def test_ddp_job_of_two_tasks_requeued_mid_run(tmp_path):
     job = _interrupt_and_release(proc, sweep, run, ["scontrol", "requeue"])
     _finish(proc)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "ok" and metrics["epochs"] == EPOCHS
+    assert metrics["status"] == "finished" and metrics["epochs"] == EPOCHS
     assert metrics["ddp"]["world_size"] == 2 and metrics["ddp"]["weights_identical"]
     _, steps = _weights(run)
     assert steps == EPOCHS * STEPS_PER_EPOCH  # each rank steps through its half of 512 images, 64 at a time

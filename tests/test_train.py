@@ -158,7 +158,7 @@ def test_cli_huge_lr_stops_with_one_line(run_train, tmp_path, tiny_npz):
     assert "Traceback" not in err, err[-3000:]
     assert line.startswith("error: ") and "non-finite loss" in line and "epoch" in line and "step" in line, line
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "failed"
+    assert metrics["status"] == "diverged"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if "no checkpoint" not in line:  # it diverged after a good epoch: that checkpoint stays loadable
         state = torch.load(ckpt, map_location="cpu", weights_only=True)

@@ -6,7 +6,6 @@ Every crafted file starts from a real tiny run (made once per module) and is edi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -14,18 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from allconv import run_folder
 from allconv.resume import expand_argv
-from conftest import SRC, TINY, only_line, run_cli, write_npz
+from allconv.run_folder import RunFolder
+from conftest import SRC, TINY, hashes, only_line, run_cli, write_npz
 
 EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
 REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
            "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
 KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar*, "
-         "trainer.enable_progress_bar, trainer.enable_model_summary, trainer.profiler, logger*, where the data is "
+         "trainer.enable_progress_bar, trainer.enable_model_summary, model.channels_last (the memory layout), "
+         "trainer.profiler, logger*, where the data is "
          "(data.root, path, download, verify_md5, cache_dir; the same data) and trainer.max_epochs upward: start a "
          "new run to change the rest")
 
@@ -55,15 +54,11 @@ def interrupted(made, tmp_path) -> Path:
     return run
 
 
-def hashes(folder: Path) -> dict[str, str | None]:
-    """Every file's sha256 and every folder (None) under folder, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            for p in sorted(folder.rglob("*"))}
-
-
 def add_overrides(run: Path, *entries: str) -> None:
-    saved = run / ".hydra" / "overrides.yaml"
-    saved.write_text(yaml.safe_dump(yaml.safe_load(saved.read_text()) + list(entries)))
+    """Entries added to the overrides identity.json records (what resume= replays)."""
+    identity = json.loads((run / "identity.json").read_text())
+    identity["overrides"] += list(entries)
+    (run / "identity.json").write_text(json.dumps(identity))
 
 
 def craft(source: Path, dest: Path, edit) -> Path:
@@ -90,7 +85,7 @@ def test_a_saved_hydra_callback_is_refused_and_builds_nothing(interrupted, tmp_p
     before = hashes(interrupted)
     rc, out, err = run_cli(f"resume={interrupted}", cwd=tmp_path)
     assert rc == 2, err[-3000:]
-    assert only_line(err) == (f"error: resume={interrupted}: .hydra/overrides.yaml entry "
+    assert only_line(err) == (f"error: resume={interrupted}: identity.json override "
                               f"'+hydra.callbacks.x._target_=builtins.open' names a _target_ (an object to build); "
                               f"{REPLAYS}")
     assert victim.read_text() == "precious\n"
@@ -110,13 +105,13 @@ def test_saved_entries_resume_does_not_replay(run_entry, interrupted, entry, why
     before = hashes(interrupted)
     code, out, err = run_entry(f"resume={interrupted}")
     assert code == 2
-    assert only_line(err) == f"error: resume={interrupted}: .hydra/overrides.yaml entry {entry!r} {why}; {REPLAYS}"
+    assert only_line(err) == f"error: resume={interrupted}: identity.json override {entry!r} {why}; {REPLAYS}"
     assert hashes(interrupted) == before
 
 
 def test_a_legit_run_replays_its_own_overrides(interrupted):
     argv = expand_argv(["train.py", f"resume={interrupted}", "print_config=true", "model.width=0.125"])
-    saved = yaml.safe_load((interrupted / ".hydra" / "overrides.yaml").read_text())
+    saved = json.loads((interrupted / "identity.json").read_text())["overrides"]
     ckpt = ckpt_of(interrupted)
     assert argv == ["train.py", *[o for o in saved if not o.startswith(("model.width=", "print_config="))],
                     "print_config=true", "model.width=0.125", f"ckpt_path='{ckpt}'", f"hydra.run.dir='{interrupted}'",
@@ -131,10 +126,10 @@ def test_a_changed_setting_on_resume_is_refused_and_the_run_still_resumes(interr
     assert rc == 2, err[-3000:]
     assert only_line(err) == (f"error: hydra.run.dir='{interrupted}' holds a run with other settings (model.width "
                               f"0.125 vs 0.5); {KEEPS}")
-    assert hashes(interrupted) == before  # overrides.yaml not rewritten: the plain resume below works
+    assert hashes(interrupted) == before  # identity.json not rewritten: the plain resume below works
     rc, out, err = run_cli(f"resume={interrupted}", cwd=tmp_path)
     assert rc == 0, err[-3000:]
-    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "ok"
+    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.parametrize("override, difference", [
@@ -178,7 +173,8 @@ def test_a_failed_resume_leaves_the_folder_byte_identical(run_entry, interrupted
         craft(ckpt_of(interrupted), ckpt_of(interrupted),
               lambda c: c["hyper_parameters"]["config"]["data"].update(cache_dir="${oc.env:HOME}"))
     else:
-        (interrupted / ".hydra" / "overrides.yaml").write_text("seed: 1\n")
+        identity = json.loads((interrupted / "identity.json").read_text())
+        (interrupted / "identity.json").write_text(json.dumps({**identity, "overrides": "seed: 1"}))
     before = hashes(interrupted)
     code, out, err = run_entry(f"resume={interrupted}", *extra)
     assert code == 2
@@ -191,11 +187,11 @@ def test_a_failed_resume_leaves_the_folder_byte_identical(run_entry, interrupted
 def test_two_resumes_of_one_run_cannot_both_train(interrupted, tmp_path):
     """This process holds the run (as a resume that is training it does); a second resume is refused."""
     before = hashes(interrupted)
-    run_folder.hold(interrupted)
+    RunFolder(interrupted).hold()
     try:
         rc, out, err = run_cli(f"resume={interrupted}", cwd=tmp_path)
     finally:
-        run_folder.release(interrupted)
+        RunFolder(interrupted).release()
     assert rc == 2, err[-3000:]
     assert only_line(err) == (f"error: {interrupted} is being trained by another process; wait for it to end "
                               f"(two processes cannot train one run)")

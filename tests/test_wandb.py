@@ -179,7 +179,7 @@ def test_an_agent_command_trains_with_wandb_offline(monkeypatch, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "multirun" / "wandb-sweep").glob("*_all_cnn_c_lr0.05")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "ok" and metrics["model"] == "all_cnn_c" and metrics["lr"] == 0.05
+    assert metrics["status"] == "finished" and metrics["model"] == "all_cnn_c" and metrics["lr"] == 0.05
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     got = logged(offline)
     assert got["id"] == env["WANDB_RUN_ID"]  # the run the sweep controller handed to the agent

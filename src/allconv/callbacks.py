@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from allconv.errors import Interrupted, NonFiniteLossError  # noqa: F401  (raised by the module; kept importable)
 from allconv.lightning_private import LastCheckpoint
 from allconv.preprocessing import atomic_torch_save
+from allconv.run_folder import RunFolder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,7 +48,7 @@ def _duration(seconds: float) -> str:
 # SIGTERM: a scheduler's stop (SLURM's preemption, `scontrol requeue`, the time limit); SIGINT: Ctrl+C; SIGUSR2:
 # submitit's time-limit/preemption signal (hydra_plugins.allconv_launchers' SlurmLauncher then lets submitit
 # requeue the job); SIGUSR1: Lightning's SLURM requeue signal, whose own handler saves from inside a step
-# (see Preemption.setup).
+# (see cluster_plugins).
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -72,7 +73,7 @@ class Preemption(L.Callback):
     The USR signals take the same route, so every preemption signal of SLURM and submitit stops at a step
     boundary with one checkpoint. Lightning's own SLURM auto-requeue (SIGUSR1: save hpc_ckpt_<n>.ckpt from
     inside the signal handler, one step short of where the run stops, then `scontrol requeue`) is switched
-    off in setup(), before Lightning registers its handlers.
+    off by the trainer's cluster environment (cluster_plugins).
 
     Under DDP the ranks decide together. Lightning only shares rank 0's flag at the start of a step; its
     checks after a step and at an epoch's end read each rank's own flag, so a rank signalled there (or one
@@ -86,9 +87,9 @@ class Preemption(L.Callback):
     stops the run after the next training step, and one during the test lets the test finish.
     """
 
-    def __init__(self, run_dir: str | Path, dirpath: str | Path | None = None):
+    def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.ckpt = Path(dirpath or self.run_dir / "checkpoints") / "last.ckpt"
+        self.ckpt = RunFolder(run_dir).checkpoint
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._lightning_handler = None
@@ -161,11 +162,6 @@ class Preemption(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng = state_dict.get("rng")
-
-    def setup(self, trainer, pl_module, stage):
-        from allconv.lightning_private import disable_slurm_auto_requeue
-
-        disable_slurm_auto_requeue(trainer)
 
     def on_train_start(self, trainer, pl_module):
         import torch
@@ -315,21 +311,56 @@ class FitClock(L.Callback):
         self.before = float(elapsed) if ok and elapsed >= 0 else 0.0
 
 
-def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
-    cbs: list[L.Callback] = [Preemption(run_dir), CostEstimate()]
+class RunIdentity(L.Callback):
+    """Carries the run's identity.json in every checkpoint (callbacks.RunIdentity), so that the record and the
+    checkpoint can be held against each other and a lost record rebuilt (allconv.run_folder). Loading does
+    nothing: what a checkpoint says is read by run_folder, never taken as settings."""
+
+    def __init__(self, identity: dict | None):
+        self.identity = identity  # None on DDP ranks other than 0, which write no checkpoint
+
+    def state_dict(self) -> dict:
+        return dict(self.identity or {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def cluster_plugins() -> list:
+    """The trainer's cluster environment where Lightning would pick SLURM's: SLURMEnvironment(auto_requeue=False).
+
+    With auto_requeue=True, Lightning's default under SLURM, SIGUSR1 saves hpc_ckpt_<n>.ckpt from inside its signal
+    handler (mid-step: the resumed run ends one step short of an uninterrupted one) and requeues; Preemption handles
+    SIGUSR1 like SIGTERM instead. Elsewhere (torchrun first, as Lightning checks it first) Lightning picks its own.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
+def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
+    cbs: list[L.Callback] = [Preemption(folder.path), CostEstimate()]
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:
-        cbs.append(LastCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                  every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
-                                  enable_version_counter=False))  # a copied run: its own last.ckpt, never -v1
+        last = LastCheckpoint(dirpath=str(folder.checkpoints), save_last=True, save_top_k=0,
+                              every_n_epochs=c.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
+                              enable_version_counter=False)  # a copied run: its own last.ckpt, never -v1
+        last.CHECKPOINT_NAME_LAST = folder.checkpoint.stem  # Lightning's documented name for the last checkpoint
+        cbs.append(last)
     refresh = c.get("progress_bar_refresh", 1)  # each refresh costs ~1 ms of Python: a GPU step is ~1 ms
     if c.progress_bar == "rich":
         cbs.append(RichProgressBar(refresh_rate=refresh, leave=True))
     elif c.progress_bar == "tqdm":
         cbs.append(TQDMProgressBar(refresh_rate=refresh))
+    if c.get("early_stopping"):  # off the paper's recipe: conf/callbacks/early_stopping.yaml
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        cbs.append(EarlyStopping(mode="min", check_on_train_epoch_end=False, **c.early_stopping))
     if c.get("guided_backprop") and c.guided_backprop.get("every_n_epochs"):
         from allconv.visualize_callback import GuidedBackpropGrid
 
-        cbs.append(GuidedBackpropGrid(run_dir=run_dir, **c.guided_backprop))
+        cbs.append(GuidedBackpropGrid(run_dir=folder.path, **c.guided_backprop))
     return cbs
 

@@ -19,23 +19,33 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
-from allconv import hydra_private, run_folder
-from allconv.errors import AllConvError, ConfigError, RunFolderError
+from allconv import run_folder, run_record, sweep_folder
+from allconv.errors import AllConvError, ConfigError, Interrupted, NonFiniteLossError, ResumeError, RunFolderError
+from allconv.files import check_output_dir
+from allconv.run_folder import RunFolder
 
-hydra_private.install()  # Hydra's own writes into run and sweep folders: atomic, never through a link
-run_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop), and Hydra's note
+# that conf/hydra/launcher/submitit_slurm.yaml, which takes the plugin's name on purpose (the documented command
+# gets allconv's launcher), is checked against the plugin's schema.
+IGNORED_WARNINGS = (
+    ".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
+    ".*does not have many workers.*", ".*exists and is not empty.*", ".*is not supported by the model summary.*",
+    ".*The `srun` command is available on your system but is not used.*",  # jobs go through submitit
+    r"(?s).*is validated against ConfigStore schema with the same name",
+)
 
-# Lightning's advice that does not apply here (tiny smoke runs, an intentionally absent val loop).
-for _pattern in (".*LeafSpec.*", ".*log_every_n_steps.*", ".*Total length of .* across ranks is zero.*",
-                 ".*does not have many workers.*", ".*exists and is not empty.*",
-                 ".*is not supported by the model summary.*",
-                 ".*The `srun` command is available on your system but is not used.*"):  # jobs go through submitit
-    warnings.filterwarnings("ignore", message=_pattern)
-# conf/hydra/launcher/submitit_slurm.yaml takes the plugin's name on purpose (the documented command gets
-# allconv's launcher); Hydra checks it against the plugin's schema and warns that it does so.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+def setup() -> None:
+    """What a process needs before it composes or runs an allconv job; importing allconv changes nothing.
+
+    Called first by each entry point in src/ (so also by the DDP ranks they start) and by a launcher's worker
+    process when it unpickles the pre-flight callback (Preflight.__setstate__). Calling it again changes nothing.
+    """
+    sweep_folder.register_resolver()  # ${allconv.job_folder:...}: a relaunched job's folder, found by identity
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -88,35 +98,6 @@ def main(hydra_main: Callable[[], object]) -> None:
         fail(_one_line(e), 2)
 
 
-def check_output_dir(path: str | Path, key: str) -> None:
-    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
-    path = Path(path)
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
-    if probe == path:
-        try:
-            test = path / f".allconv-write-test-{os.getpid()}"
-            test.write_bytes(b"")
-            test.unlink()
-        except OSError as e:
-            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
-    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
-        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
-
-
-def _can_mkdir(parent: Path) -> bool:
-    test = parent / f".allconv-mkdir-test-{os.getpid()}"
-    try:
-        test.mkdir()
-        test.rmdir()
-        return True
-    except OSError:
-        return False
-
-
 def job_configs(config: DictConfig) -> Iterator[DictConfig] | None:
     """The composed config of every job of a multirun, as the launcher will compose it.
 
@@ -160,6 +141,12 @@ class Preflight(Callback):
         self.output_key = output_key
         self.run_folders = run_folders  # train: a folder that holds a run is continued or refused (run_folder)
         self.folders: dict[int, Path] | None = None  # the jobs' folders of this launch (multirun)
+        self.sweep: Path | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """A launcher's worker process (joblib, submitit) unpickles this before it composes and runs its jobs."""
+        self.__dict__.update(state)
+        setup()
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:
@@ -185,9 +172,6 @@ class Preflight(Callback):
             validate(config, self.schema)
             if self.run_folders:  # first what the folder allows, then the checkpoint and data it would continue with
                 run_folder.check_single_run(config)
-                if run_folder.is_secondary_rank():  # a rank started by torchrun or srun: the folder is rank 0's
-                    with read_write(config.hydra), open_dict(config.hydra):
-                        config.hydra.output_subdir = None  # run_job reads it from this config next
             self.check(config)
             if self.output_key and OmegaConf.select(config, self.output_key) is not None:
                 check_output_dir(OmegaConf.select(config, self.output_key), self.output_key)
@@ -195,8 +179,6 @@ class Preflight(Callback):
         self._guarded(run)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        hydra_private.install()  # again: Hydra's plugin scan re-executed the sweeper's module since the import
-
         def run() -> None:
             jobs = job_configs(config)
             checked = []
@@ -205,13 +187,17 @@ class Preflight(Callback):
                 checked.append((num, job))
             check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
             if self.run_folders and jobs is not None:
-                self.folders = run_folder.plan_sweep(config, checked)
+                self.sweep = Path(str(config.hydra.sweep.dir))
+                self.folders = sweep_folder.plan(config, checked)
 
         self._guarded(run)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         """A sweep in which a job failed ran the others; it then ends non-zero, naming the failed jobs."""
-        failed = run_folder.failed_jobs(self.folders or {})
+        if self.sweep is None:
+            return
+        sweep_folder.release(self.sweep)
+        failed = sweep_folder.failed_jobs(self.sweep, self.folders or {})
         if failed:
             fail(f"{len(failed)} of {len(self.folders)} jobs failed: {'; '.join(failed[:5])}"
                  f"{'; ...' if len(failed) > 5 else ''} (each folder's metrics.json says why)", 1)
@@ -255,25 +241,23 @@ def is_multirun() -> bool:
 
 
 def train_job(cfg: DictConfig) -> float | None:
-    """One training job: the single place where its failures become a line, an exit status, a record."""
-    from allconv import models, training
+    """One training job. A multirun job continues its own run (a relaunch, a requeue) or skips a finished one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from allconv import training
     from allconv.callbacks import interrupted_as_error
 
     if cfg.print_config:
         print_config_tree(cfg)
-    out = run_dir()
+    folder = RunFolder(run_dir())
+    sweep = Path(HydraConfig.get().sweep.dir) if is_multirun() else None
     try:
-        run_folder.hold(out)  # a second process training this run is refused before it writes anything
-    except AllConvError as e:
-        if is_multirun():
-            print(f"error: {e}", file=sys.stderr)
-            return None
-        fail(str(e), e.exit_code)
-    try:
-        run_folder.check_links(out)  # again here: a requeued job was not checked by a pre-flight
-        if is_multirun():  # a relaunched sweep (or a requeued SLURM job) continues its own folder
-            run_folder.check_identity(out, cfg)
-            plan = run_folder.plan_sweep_job(out)
+        folder.hold()  # a second process training this run is refused before it writes anything
+        folder.check_links()  # again here: a requeued job was not checked by a pre-flight
+        if sweep is not None:
+            sweep_folder.check_job_folder(folder, sweep)
+            run_folder.check_job(folder, cfg)
+            plan = sweep_folder.plan_job(folder)
             if plan.note:
                 print(plan.note, file=sys.stderr, flush=True)
             if plan.action == "skip":
@@ -282,34 +266,49 @@ def train_job(cfg: DictConfig) -> float | None:
             if plan.action == "resume":
                 cfg.ckpt_path = plan.ckpt_path
         with interrupted_as_error():  # Lightning's SIGTERMException (exit 0) -> Interrupted (exit 128+signum)
-            metrics = training.train(cfg, out)
-    except RunFolderError as e:  # a folder this command may not continue: its record stays as it was
-        if is_multirun():
-            print(f"error: {e}", file=sys.stderr)
-            return None
-        fail(str(e), e.exit_code)
+            metrics = training.train(cfg, folder.path)
     except Exception as e:
-        known = isinstance(e, AllConvError)
-        status = getattr(e, "status", "failed")
-        message = str(e) if known else f"{type(e).__name__}: {_one_line(e)}"
-        record = {"status": status, "error": message, "model": models.config_name(cfg.model.family, cfg.model.variant),
-                  "lr": cfg.optim.lr, "seed": cfg.seed}
-        try:
-            if run_folder.finished_metrics(out) is None:  # a finished result is never replaced by a later failure
-                training.write_json(out / "metrics.json", record)
-        except OSError:
-            pass  # the folder itself is what failed; the line below says why
-        if is_multirun() and status != "interrupted":  # the sweep goes on; the report lists the failed run
-            if not known:
-                import traceback
-
-                traceback.print_exc()
-            print(f"error: {message}", file=sys.stderr)
-            return None
-        if not known:
-            raise
-        fail(message, e.exit_code)  # a signal stops a sweep too: the scheduler asked the whole process to stop
+        return job_failed(e, cfg, folder, sweep)
     finally:
-        run_folder.release(out)
-    print(f"test error {metrics['test_error']:.4f}  ->  {out / 'metrics.json'}")
+        folder.release()
+    print(f"test error {metrics['test_error']:.4f}  ->  {folder.metrics}")
     return metrics["test_error"]
+
+
+def job_failed(e: Exception, cfg: DictConfig, folder: RunFolder, sweep: Path | None) -> None:
+    """The one failure policy of a training job: how it ended goes into its own record (never into a folder that
+    is not yet, or not, this run's: then, in a sweep, into a note beside it), then one line and its exit status;
+    a sweep goes on with its other jobs unless a signal stopped the process."""
+    from allconv import models
+
+    known = isinstance(e, AllConvError)
+    status = run_record.INTERRUPTED if isinstance(e, Interrupted) else \
+        run_record.DIVERGED if isinstance(e, NonFiniteLossError) else run_record.FAILED
+    message = str(e) if known else f"{type(e).__name__}: {_one_line(e)}"
+    ours = not isinstance(e, (RunFolderError, ResumeError)) and os.path.isfile(folder.identity)
+    try:
+        if ours:
+            folder.write_outcome({"status": status, "error": message, "lr": cfg.optim.lr, "seed": cfg.seed,
+                                  "model": models.config_name(cfg.model.family, cfg.model.variant)})
+        elif sweep is not None:
+            from allconv.files import write_atomic
+
+            write_atomic(sweep_folder.refusal_note(sweep, _job_num()), (message + "\n").encode())
+    except OSError:
+        pass  # the folder itself is what failed; the line below says why
+    if sweep is not None and status != run_record.INTERRUPTED:  # the sweep goes on; the report lists the run
+        if not known:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return None
+    if not known:
+        raise e
+    fail(message, e.exit_code)  # a signal stops a sweep too: the scheduler asked the whole process to stop
+
+
+def _job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.num

@@ -434,6 +434,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.tensors: dict[str, torch.Tensor] = {}
         self.zca_from_cache: bool | None = None
         self.zca: pp.ZCA | None = None  # the whitening of this run (gcn_zca), for figures
+        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # data.preprocess=standardize: mean, std
 
     # -- checks that run before any training -------------------------------------------------
     def validate(self) -> None:
@@ -488,6 +489,21 @@ class CIFARDataModule(L.LightningDataModule):
         raw = self._load_raw()
         return pp.fingerprint(raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"])
 
+    def inputs_fingerprint(self) -> str:
+        """The arrays and every setting that decides how they become the network's inputs (the fit: fit_summary)."""
+        raw = self._load_raw()
+        return pp.fingerprint(raw["x_train"], raw["x_test"], preprocess=self.preprocess, gcn_scale=self.gcn_scale,
+                              filter_bias=self.zca_filter_bias, val_size=self.val_size, split_seed=self.split_seed)
+
+    def fit_summary(self) -> list[float]:
+        """A few numbers that tell this run's preprocessing fit from any other (after setup): projections of the
+        ZCA's mean and matrix, or the standardisation's statistics; [] when nothing is fitted."""
+        if self.zca is not None:
+            return pp.summary(self.zca.mean, self.zca.P)
+        if self.stats is not None:
+            return [float(v) for s in self.stats for v in s.flatten()]
+        return []
+
     def setup(self, stage: str | None = None) -> None:
         if self.tensors:
             return
@@ -517,6 +533,7 @@ class CIFARDataModule(L.LightningDataModule):
             images = {k: v.reshape(-1, 3, 32, 32) / 255.0 for k, v in flat.items()}
             if self.preprocess == "standardize":
                 mean, std = pp.standardize_stats(images["train"])
+                self.stats = (mean, std)
                 images = {k: (v - mean) / std for k, v in images.items()}
         for k, (_, y) in splits.items():
             self.tensors[f"x_{k}"] = images[k].contiguous()

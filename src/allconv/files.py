@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from allconv.errors import WriteError
+from allconv.errors import ConfigError, WriteError
 
 
 def reason(e: OSError) -> str:
@@ -162,9 +162,11 @@ def lock(fd: int, path: str | Path, *, blocking: bool, guards: str) -> bool:
     BlockingIOError (blocking=False) when another process holds the lock; any other OSError propagates."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
     except OSError as e:
-        if e.errno not in LOCKLESS:
-            raise
+        if e.errno not in LOCKLESS:  # EINVAL, EIO, ...: the filesystem refused the lock itself
+            raise WriteError(f"cannot lock {path}: {reason(e)}") from None
         if str(path) not in _warned_lockless:
             _warned_lockless.add(str(path))
             print(f"warning: cannot lock {path}: {reason(e)}; {guards}", file=sys.stderr, flush=True)
@@ -186,3 +188,32 @@ def figure_bytes(fig, **savefig_kwargs) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, **{"format": "png", **savefig_kwargs})
     return buf.getvalue()
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """The folder exists or can be created, and a file can be written in it (checked by writing one)."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is a file")
+    if probe == path:
+        try:
+            test = path / f".allconv-write-test-{os.getpid()}"
+            test.write_bytes(b"")
+            test.unlink()
+        except OSError as e:
+            raise ConfigError(f"{key}={str(path)!r} cannot be written ({e.strerror or type(e).__name__})") from None
+    elif not os.access(probe, os.W_OK | os.X_OK) or not _can_mkdir(probe):
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(probe)!r} is not writable")
+
+
+def _can_mkdir(parent: Path) -> bool:
+    test = parent / f".allconv-mkdir-test-{os.getpid()}"
+    try:
+        test.mkdir()
+        test.rmdir()
+        return True
+    except OSError:
+        return False

@@ -75,10 +75,8 @@ def read_epochs(metrics_csv: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
-    """Write <run_dir>/learning_curve.png; None when the run has no CSV metrics."""
-    run_dir = Path(run_dir)
-    metrics_csv = run_dir / "csv" / "metrics.csv"
+def plot_run(metrics_csv: Path, png: Path, title: str | None = None) -> Path | None:
+    """Draw a run's learning curve from its CSV log into png; None when there is no log."""
     if not metrics_csv.is_file():
         return None
     import matplotlib
@@ -115,7 +113,7 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
         fig.suptitle(title)
     fig.tight_layout()
     try:  # rendered in memory, written whole (a full disk is a WriteError naming the file)
-        return write_atomic(run_dir / "learning_curve.png", figure_bytes(fig, dpi=120))
+        return write_atomic(png, figure_bytes(fig, dpi=120))
     finally:
         plt.close(fig)
 
@@ -123,14 +121,15 @@ def plot_run(run_dir: str | Path, title: str | None = None) -> Path | None:
 if __name__ == "__main__":
     from allconv.errors import AllConvError
     from allconv.files import NotRegularFile, reason
+    from allconv.run_folder import RunFolder  # the command's layer: the drawing above takes plain paths
 
     try:
         for d in sys.argv[1:]:
-            print(plot_run(d))
+            print(plot_run(RunFolder(d).metrics_csv, RunFolder(d).learning_curve))
     except AllConvError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (OSError, NotRegularFile) as e:  # the log was replaced after plot_run found a file there
         why = f"cannot be read: {reason(e)}" if isinstance(e, OSError) else str(e)
-        print(f"error: {Path(d) / 'csv' / 'metrics.csv'} {why}", file=sys.stderr)
+        print(f"error: {RunFolder(d).metrics_csv} {why}", file=sys.stderr)
         sys.exit(2)

@@ -1,10 +1,11 @@
-"""Every place allconv overrides or patches a private name of Lightning (or of its W&B logger).
+"""Every place allconv overrides or reads a private name of Lightning (or of its W&B logger).
 
-Six things need it: a last.ckpt every epoch (ModelCheckpoint's internals), Lightning's SLURM auto-requeue
-turned off (its cluster environment), DDP ranks that relaunch
-one Hydra job instead of the whole command line (the subprocess launcher's command), a W&B
-logger without the argument wandb deprecated, and, for the configuration schema, Lightning's list of
-precision names and its reading of accelerator/devices/strategy/precision without building a Trainer.
+Five things need one, for want of a public form: a last.ckpt every epoch (ModelCheckpoint's internals), DDP ranks
+that relaunch one Hydra job instead of the whole command line (the subprocess launcher's command), a W&B logger
+without the argument wandb deprecated (wandb prints that warning itself, on stderr, where no warnings filter
+reaches), the logging step a checkpoint resumes at (for TensorBoard's purge marker), and, for the configuration
+schema, Lightning's reading of accelerator/devices/strategy/precision without building a Trainer. The precision
+names are a copy of Lightning's private list, compared with it by the tests.
 Each private name used here is checked by tests/test_lightning_private.py, which fails when Lightning
 changes it; pyproject.toml pins lightning to the range tested (2.6.x).
 """
@@ -33,21 +34,6 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module):
         pass  # saved at the end of the training epoch, after the module has checked the loss
-
-
-def disable_slurm_auto_requeue(trainer) -> None:
-    """Turn off Lightning's SLURM auto-requeue for this trainer (call before fit registers its signal handlers).
-
-    With SLURMEnvironment(auto_requeue=True), Lightning's default under SLURM, SIGUSR1 saves
-    hpc_ckpt_<n>.ckpt from inside its signal handler (mid-step: the resumed run ends one step short of an
-    uninterrupted one) and requeues; callbacks.Preemption handles SIGUSR1 like SIGTERM instead.
-    Private: Trainer._accelerator_connector.cluster_environment (the object the signal connector reads).
-    """
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
-    if isinstance(environment, SLURMEnvironment):
-        environment.auto_requeue = False
 
 
 class _HydraJobLauncher(subprocess_script._SubprocessScriptLauncher):
@@ -99,14 +85,28 @@ class QuietWandbLogger(WandbLogger):
         self._experiment = None
 
 
+# Every precision value Lightning's Trainer accepts: its own lists (fabric.connector._PRECISION_INPUT_STR,
+# _STR_ALIAS, _INT) are private, so this is a copy that tests/test_lightning_private.py compares with them.
+PRECISION_NAMES = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
+                   "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16)
+
+
 def precision_names() -> tuple:
-    """Every precision value Lightning's Trainer accepts (private: fabric.connector._PRECISION_INPUT_*)."""
-    import typing
+    return PRECISION_NAMES
 
-    from lightning.fabric.connector import _PRECISION_INPUT_INT, _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 
-    return (*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS),
-            *typing.get_args(_PRECISION_INPUT_INT))
+def logging_step(ckpt: dict) -> int | None:
+    """The logging step at which a run resumed from this checkpoint takes over: the batches it had trained.
+
+    Lightning logs with the count of training batches, which the checkpoint keeps as the fit loop's
+    _batches_that_stepped (private); global_step counts optimizer steps, the same count while one optimizer steps
+    once a batch, and is the answer for a checkpoint without the loop's state. None if neither is a count.
+    """
+    step = ckpt
+    for key in ("loops", "fit_loop", "epoch_loop.state_dict", "_batches_that_stepped"):
+        step = step.get(key) if isinstance(step, dict) else None
+    step = ckpt.get("global_step") if step is None else step
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 def check_trainer_settings(**settings) -> None:

@@ -103,9 +103,9 @@ def build(
     dropout_pool: float = 0.5,
     final_relu: bool = True,
     init: str = "he",
-    final_bias: float = 0.0,
-    final_weights: str = "init",
-    pool_gain: bool = False,
+    final_bias: float = 1.0,
+    final_weights: str = "zero",
+    pool_gain: bool = True,
     in_channels: int = 3,
 ) -> nn.Sequential:
     """Build one of the 12 networks: nn.Sequential(dropout_input, block1, block2, head) of standard layers.

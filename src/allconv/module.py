@@ -35,7 +35,7 @@ class AllConvModule(L.LightningModule):
     def __init__(self, net: dict, num_classes: int = 10, lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 1e-3, milestones=(200, 250, 300), gamma: float = 0.1,
                  nesterov: bool = False, max_update_norm: float | None = 0.125, compile: bool = False,
-                 channels_last: bool = False, config: dict | None = None):
+                 channels_last: bool = True, config: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = models.build(**net, num_classes=num_classes)

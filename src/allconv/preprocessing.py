@@ -15,15 +15,17 @@ and one line on stderr says which file and why.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from allconv.errors import WriteError
+from allconv.errors import DataError, WriteError
 from allconv.files import NotRegularFile, lock, read_regular, torch_bytes, write_atomic
 
 CACHE_VERSION = 1
@@ -95,6 +97,13 @@ class ZCA:
         return zca
 
 
+def summary(mean: torch.Tensor, P: torch.Tensor, k: int = 4) -> list[float]:
+    """k + k*k numbers that tell one whitening fit from another: mean and P projected on k fixed random directions.
+    Two fits of the same images on two machines agree to ~1e-12 (eigh's rounding), any other fit does not."""
+    r = torch.randn(P.shape[0], k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return [float(v) for v in torch.cat([mean.double() @ r, (r.T @ P.double() @ r).flatten()])]
+
+
 def fingerprint(*arrays: np.ndarray, **params) -> str:
     """A key for the data and the parameters: sha1 over the raw bytes, shapes, dtypes and params."""
     h = hashlib.sha1(f"v{CACHE_VERSION}".encode())
@@ -113,8 +122,11 @@ def _locked(path: Path):
     lock_path = path.with_suffix(".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")
-    except OSError:
+        f = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # opening through a link would create or lock a file outside the cache
+            raise DataError(f"{lock_path} is a symbolic link; the whitening cache writes only inside its own "
+                            f"folder: remove the link") from None
         yield
         return
     with f:  # closing the file releases the lock
@@ -188,8 +200,8 @@ def fit_zca_cached(x_gcn: torch.Tensor, key: str, cache_dir: str | Path | None,
         return ZCA(filter_bias).fit(x_gcn), False
     path = Path(cache_dir) / f"zca-{key}.pt"
     with _locked(path):  # one fitter per key; the others wait and then load its file
-        fault = ""
-        if path.exists():
+        fault = "it is a symbolic link" if path.is_symlink() else ""  # replaced, never followed
+        if path.exists() and not fault:
             zca, fault = _read_cache(path, key, x_gcn, filter_bias)
             if zca is not None:
                 return zca, True

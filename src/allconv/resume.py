@@ -1,16 +1,17 @@
 """Resume a killed run from its last checkpoint: python src/train.py resume=<run dir> [key=value ...].
 
-expand_argv() turns resume=<dir> into the run's own command line: the overrides Hydra saved in
-<dir>/.hydra/overrides.yaml, ckpt_path=<dir>/checkpoints/last.ckpt and hydra.run.dir=<dir>, in run
-mode. The run continues in the same folder and writes the metrics.json it would have written.
+expand_argv() turns resume=<dir> into the run's own command line: the overrides its identity.json records
+(allconv.run_record; rebuilt from the checkpoint's copy when it is missing), ckpt_path=<dir>/checkpoints/last.ckpt
+and hydra.run.dir=<dir>, in run mode. The run continues in the same folder and writes the metrics.json it would
+have written. The overrides were recorded with their values resolved (replayable()), so an `${oc.env:...}` the run
+was started with replays as the value it had then, whatever the environment of the resume.
 
-A run folder may come from elsewhere, so its overrides.yaml is data, not a command line: resume
-replays only the project's own settings (run_settings(): the top-level keys and config groups of
-conf/train.yaml, i.e. model, data, optim, trainer, logger, callbacks, experiment, debug, seed, print_config).
-An entry that sets anything of Hydra's (hydra.*, hydra/...: callbacks, launchers, sweepers,
-logging, all of which Hydra builds or runs), that places a config under another package (@), or
-that holds `_target_` or an interpolation `${...}`, or a sweep, is refused with one line before
-anything is written. Saved ckpt_path, hydra.run.dir and hydra.mode are dropped: resume sets them.
+A run folder may come from elsewhere, so its recorded overrides are data, not a command line: resume replays
+only the project's own settings (run_settings(): the top-level keys and config groups of conf/train.yaml, i.e.
+model, data, optim, trainer, logger, callbacks, experiment, debug, seed, print_config). An entry that sets
+anything of Hydra's (hydra.*, hydra/...: callbacks, launchers, sweepers, logging, all of which Hydra builds or
+runs), that places a config under another package (@), that holds `_target_` or an interpolation `${...}`, or a
+sweep, is refused with one line before anything is written. ckpt_path, hydra.run.dir and hydra.mode are resume's.
 
 Where the run read its data and cached its whitening (data.root, data.download, data.cache_dir) is not
 replayed: a folder never chooses where a command writes (a download, the ZCA cache). A relative data.path
@@ -19,22 +20,18 @@ another working directory reads the run's own file. A run stopped before its fir
 again in its folder (no ckpt_path).
 
 A resumed run keeps its settings: what the command may change is the one rule of allconv.run_folder
-(run_folder.differences: the progress bar, printing, loggers, where the data is, trainer.max_epochs upward),
-which the pre-flight applies to the composed config of this command, as it does for the long form
-(ckpt_path=... hydra.run.dir=...) and a relaunched sweep. Everything is checked before Hydra writes, so a
-refused resume leaves the folder as it was; run_folder.hold() then keeps a second resume of the same run out.
-
-Lightning's checkpoint restores weights, optimiser, schedule and loop counters but not the random
-state, so callbacks.EpochSeed reseeds the global RNG (dropout) at the start of every epoch from (seed,
-epoch, rank): a resumed run then draws what the uninterrupted run would have drawn, and ends with
-the same weights. The data order is already a function of (seed, epoch) (data.DeviceLoader).
-callbacks.FitClock carries the training time in the checkpoint, so metrics.json's wall_time_s is the run's, over all
-its launches.
+(continuation_errors: the progress bar, printing, loggers, where the data is, trainer.max_epochs upward, held
+against identity.json and the checkpoint's own saved settings), which the pre-flight applies to the composed
+config of this command, as it does for the long form (ckpt_path=... hydra.run.dir=...) and a relaunched sweep.
+Everything is checked before anything is written, so a refused resume leaves the folder as it was;
+RunFolder.hold() then keeps a second resume of the same run out.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -49,7 +46,10 @@ NOT_REPLAYED = ("data.root", "data.download", "data.cache_dir")
 
 
 def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """value as a quoted override, never an interpolation (a literal ${ is escaped: a folder's name is data); Hydra
+    keeps backslashes except those before a quote (the closing one too)."""
+    out = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value.replace("${", "\\${"))
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, out) + "'"
 
 
 def _key(override: str) -> str:
@@ -96,14 +96,14 @@ def _parse(override: str):
 def _replayable(run: Path, entry) -> str | None:
     """The saved entry if resume replays it, None if resume sets it itself; ResumeError if it is refused."""
     def refuse(why: str) -> ResumeError:
-        return ResumeError(f"resume={run}: .hydra/overrides.yaml entry {str(entry)!r} {why}; resume replays only "
+        return ResumeError(f"resume={run}: identity.json override {str(entry)!r} {why}; resume replays only "
                            f"the run's own settings ({_allowed()}), never hydra.*, _target_ or ${{...}}")
 
     if not isinstance(entry, str):
         raise refuse("is not a key=value override")
     if _key(entry) in SET_BY_RESUME:
         return None
-    if "${" in entry:
+    if re.search(r"(?<!\\)\$\{", entry):  # replayable() escapes a literal ${ as \${
         raise refuse("holds an interpolation")
     if "_target_" in entry:
         raise refuse("names a _target_ (an object to build)")
@@ -126,61 +126,107 @@ def expand_argv(argv: list[str]) -> list[str]:
         return argv
     if len(hits) > 1 or any(a in ("-m", "--multirun") for a in argv[1:]):
         raise ResumeError("resume= takes one run directory and no -m (resume each run of a sweep on its own)")
-    from allconv import run_folder
-    from allconv.errors import RunFolderError
+    from allconv import run_record as rr
+    from allconv.errors import AllConvError
+    from allconv.run_folder import RunFolder
 
     run = Path(hits[0].split("=", 1)[1].strip("'\"")).expanduser().resolve()
     if not run.is_dir():
         raise ResumeError(f"resume={run}: no such directory")
-    try:
-        entries = run_folder.read_yaml(run / ".hydra" / "overrides.yaml")
-    except RunFolderError as e:
-        raise ResumeError(f"resume={run}: {e}") from None
-    if entries is None:
-        raise ResumeError(f"resume={run}: not a run directory (no .hydra/overrides.yaml)")
-    now = run_folder.state(run)
-    if now == "finished":
+    folder = RunFolder(run)
+    folder.check_links()  # a record read through a link would be another folder's
+    now = folder.state()
+    if now == rr.NEW:
+        raise ResumeError(f"resume={run}: not a run directory (no identity.json, checkpoints/ or metrics.json)")
+    if now == rr.FINISHED:
         raise ResumeError(f"resume={run}: the run already finished (metrics.json); nothing to resume")
-    ckpt = run / run_folder.CHECKPOINT
-    if now == "interrupted":
-        from allconv import checkpoint
-        from allconv.errors import CheckpointError
-
-        try:
-            checkpoint.read(ckpt)
-        except CheckpointError as e:
-            raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
-                              f"(or restore an earlier copy of last.ckpt)") from None
-    if not isinstance(entries, list):
-        raise ResumeError(f"resume={run}: .hydra/overrides.yaml is not a list of overrides")
+    if now == rr.DIVERGED:
+        raise ResumeError(f"resume={run}: the run diverged (metrics.json: {_said(folder)}); it would diverge again: "
+                          f"start a new run with other settings")
+    try:
+        identity = folder.read_identity()
+    except AllConvError as e:
+        raise ResumeError(f"resume={run}: {e}") from None
+    try:
+        identity = identity or folder.saved_identity()
+    except AllConvError as e:
+        raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
+                          f"(or restore an earlier copy of last.ckpt)") from None
+    if identity is None:
+        raise ResumeError(f"resume={run}: the run records no identity.json (it was started by an older allconv); "
+                          f"continue it with its own command plus ckpt_path={folder.checkpoint} hydra.run.dir={run}")
+    if identity.get("format", 1) != rr.IDENTITY_FORMAT:
+        raise ResumeError(f"resume={run}: its identity.json records no overrides (it was started by an older "
+                          f"allconv); continue it with its own command plus ckpt_path={folder.checkpoint} "
+                          f"hydra.run.dir={run}")
     extra = [a for a in argv[1:] if not a.startswith("resume=")]
     for arg in extra:
         if _key(arg) in SET_BY_RESUME:
             raise ResumeError(f"resume={run}: {arg} is set by resume itself (to the run's folder and last.ckpt)")
-    kept = [e for e in (_replayable(run, entry) for entry in entries) if e is not None]
+    kept = [e for e in (_replayable(run, entry) for entry in identity["overrides"]) if e is not None]
     replaced = {_key(a) for a in extra}
     kept = [o for o in kept if _key(o) not in replaced and _key(o) not in NOT_REPLAYED]
-    data_path = _data_path(run) if "data.path" not in replaced else None
+    data_path = _data_path(identity) if "data.path" not in replaced else None
     if data_path is not None:
         kept = [o for o in kept if _key(o) != "data.path"] + [f"data.path={_quote(data_path)}"]
-    if now != "interrupted":
+    resumed = os.path.isfile(folder.checkpoint)
+    if not resumed:
         print(f"resume={run}: no checkpoint yet (stopped before its first epoch ended): starting the run again in "
               f"its folder", file=sys.stderr, flush=True)
-    return [argv[0], *kept, *extra, *([f"ckpt_path={_quote(str(ckpt))}"] if now == "interrupted" else []),
+    return [argv[0], *kept, *extra, *([f"ckpt_path={_quote(str(folder.checkpoint))}"] if resumed else []),
             f"hydra.run.dir={_quote(str(run))}", "hydra.mode=RUN"]
 
 
-def _data_path(run: Path) -> str | None:
-    """The run's data.path made absolute against the folder it was started from, when it was relative."""
-    from allconv import run_folder
-    from allconv.errors import RunFolderError
-
+def _said(folder) -> str:
     try:
-        path = (run_folder.recorded_settings(run) or {}).get("data.path")
-    except RunFolderError:
-        return None
-    cwd = run_folder.recorded_cwd(run)
+        return str((folder.outcome() or {}).get("error", ""))[:160]
+    except Exception:
+        return "unreadable"
+
+
+def _data_path(identity: dict) -> str | None:
+    """The run's data.path made absolute against the folder it was started from, when it was relative."""
+    path, cwd = identity["settings"].get("data.path"), identity.get("cwd")
     if not isinstance(path, str) or not path or "${" in path or os.path.isabs(path) or path.startswith("~") \
-            or cwd is None:
+            or not isinstance(cwd, str) or not os.path.isabs(cwd):
         return None
-    return str(cwd / path)
+    return str(Path(cwd) / path)
+
+
+# -- the record's side: the overrides a run is started with, in the form resume replays ------------------------
+def _literal(value) -> str:
+    """A resolved value in Hydra's override grammar; a string is quoted and a literal ${ escaped (never resolved)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else
+                                                          ("inf" if value > 0 else "-inf"))
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    return _quote(str(value))
+
+
+def replayable(task_overrides: list[str], cfg) -> list[str]:
+    """The command line's overrides as a run records them: a key's value replaced by what it resolved to in cfg
+    (a group choice, a deletion and anything resume would refuse are kept as given, and refused then)."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for entry in task_overrides:
+        o = _parse(entry)
+        key = o.key_or_group if o is not None else None
+        if o is None or o.is_delete() or o.package is not None or o.is_sweep_override() or \
+                (CONF / key.replace(".", "/")).is_dir() or key.split(".")[0].split("/")[0] == "hydra":
+            out.append(entry)
+            continue
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        prefix = "++" if o.is_force_add() else "+" if o.is_add() else ""
+        out.append(f"{prefix}{key}={_literal(value)}")
+    return out

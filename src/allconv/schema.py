@@ -216,11 +216,18 @@ class GuidedBackprop(Section):
     filters: Flag
 
 
+class EarlyStopping(Section):
+    monitor: one_of("val/error")
+    patience: whole(1)
+    min_delta: number("a number >= 0", ge=0)
+
+
 class Callbacks(Section):
     checkpoint: Checkpoint
     progress_bar: one_of("rich", "tqdm", "none")
     progress_bar_refresh: whole(1)
     guided_backprop: GuidedBackprop
+    early_stopping: EarlyStopping = None  # absent unless callbacks=early_stopping (needs data.val_size > 0)
 
 
 class CSVLogger(Section):

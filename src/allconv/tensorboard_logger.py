@@ -15,24 +15,19 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from allconv.run_folder import RunFolder
+
 
 def resume_step(ckpt_path: str | Path) -> int | None:
-    """The logging step at which a run resumed from ckpt_path takes over: the batches its checkpoint had trained.
-
-    Lightning logs with the count of training batches (fit_loop.epoch_loop's _batches_that_stepped, which the
-    checkpoint keeps); the optimizer's global_step is the same count unless gradients are accumulated.
-    """
+    """The logging step at which a run resumed from ckpt_path takes over (lightning_private.logging_step)."""
     from allconv import checkpoint
+    from allconv.lightning_private import logging_step
 
-    ckpt = checkpoint.read(ckpt_path)
-    step = ckpt
-    for key in ("loops", "fit_loop", "epoch_loop.state_dict", "_batches_that_stepped"):
-        step = step.get(key) if isinstance(step, dict) else None
-    step = ckpt.get("global_step") if step is None else step
-    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    return logging_step(checkpoint.read(ckpt_path))
 
 
 def build_tensorboard_logger(cfg: DictConfig, run_dir: Path) -> TensorBoardLogger:
     step = resume_step(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     extra = {"purge_step": step} if step is not None else {}  # SummaryWriter's marker for a restarted run
-    return TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False, **extra)
+    name = RunFolder(run_dir).tensorboard.name
+    return TensorBoardLogger(str(run_dir), name=name, version="", default_hp_metric=False, **extra)

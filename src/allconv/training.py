@@ -10,7 +10,6 @@ fits, tests and writes metrics.json into the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -21,19 +20,22 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from allconv import models, precision, run_folder, schema
+from allconv import models, run_folder, run_record, schema
 from allconv.csv_logger import CSVLogger
 from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError, WriteError
-from allconv.files import write_atomic
 from allconv.learning_curve import plot_run
 from allconv.module import AllConvModule
+from allconv.precision import resolve as resolve_precision
+from allconv.run_folder import RunFolder
 
 
 def check_config(cfg: DictConfig) -> None:
     """The values (allconv.schema), the trainer on this machine, the model's knobs and layer names."""
     schema.validate(cfg, schema.TrainConfig)
     check_trainer(cfg)
+    if cfg.callbacks.get("early_stopping") and not cfg.data.get("val_size"):
+        raise ConfigError("callbacks=early_stopping watches val/error: it needs a validation split, data.val_size > 0")
     with torch.device("meta"):  # the builder checks the model knobs; meta: no memory, no init compute
         net = models.build(**net_kwargs(cfg), num_classes=cfg.data.num_classes)
     gb = cfg.callbacks.get("guided_backprop")
@@ -95,9 +97,10 @@ def _jobs_run_elsewhere(cfg: DictConfig) -> bool:
     if not target:
         return False
     from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-    return issubclass(get_class(target), BaseSubmititLauncher)
+    # by name: Hydra's plugin scan executes the submitit plugin's module again, so its classes are new objects
+    return any(f"{c.__module__}.{c.__qualname__}" == "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+               "BaseSubmititLauncher" for c in get_class(target).__mro__)
 
 
 def check(cfg: DictConfig) -> None:
@@ -107,6 +110,10 @@ def check(cfg: DictConfig) -> None:
     except ValueError as e:  # the builder's own one-line errors
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from None
     build_datamodule(cfg).validate()
+    if cfg.logger.get("save_dir"):  # W&B's folder, when not the run's own: a read-only one is one line here
+        from allconv.files import check_output_dir
+
+        check_output_dir(cfg.logger.save_dir, "logger.save_dir")
     if cfg.get("ckpt_path"):  # resuming: the file must be a plain allconv checkpoint (nothing executed)
         from allconv import checkpoint
 
@@ -131,7 +138,7 @@ def check_eval(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ConfigError("ckpt_path is not set; give ckpt_path=<run dir>/checkpoints/last.ckpt")
     out = OmegaConf.select(cfg, "hydra.run.dir", default=None)
-    if out is not None and run_folder.is_run(Path(str(out))):  # finished, interrupted, failed: its record stays
+    if out is not None and RunFolder(str(out)).is_run():  # finished, interrupted, failed: its record stays
         raise ConfigError(f"hydra.run.dir={str(out)!r} holds a training run; eval writes into a folder of its own: "
                           f"choose another hydra.run.dir (or leave it unset)")
     ckpt = checkpoint.read(cfg.ckpt_path)
@@ -163,7 +170,7 @@ def build_module(cfg: DictConfig) -> AllConvModule:
 def trainer_kwargs(cfg: DictConfig) -> dict:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     cuda = torch.cuda.is_available() and t.get("accelerator") in ("auto", "gpu", "cuda")
-    t["precision"] = precision.resolve(t.get("precision", "auto"), t.get("accelerator", "auto"))[0]
+    t["precision"] = resolve_precision(t.get("precision", "auto"), t.get("accelerator", "auto"))[0]
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
     if t.get("strategy") == "ddp":  # relaunch this Hydra job, not the whole sweep, on ranks 1..N-1
@@ -175,19 +182,19 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return {k: v for k, v in t.items() if v is not None}
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> L.Trainer:
-    from allconv.callbacks import AtomicCheckpointIO
+def build_trainer(cfg: DictConfig, folder: RunFolder, callbacks: list, logger, precision: str) -> L.Trainer:
+    from allconv.callbacks import AtomicCheckpointIO, cluster_plugins
 
-    kwargs = trainer_kwargs(cfg)
+    kwargs = {**trainer_kwargs(cfg), "precision": precision}
     if cfg.callbacks.get("progress_bar") == "none":
         kwargs["enable_progress_bar"] = False  # else Lightning adds its own bar
     if kwargs.get("profiler") in schema.PROFILERS:  # Lightning's own, from the name, writes its table nowhere
         from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
 
         profiler = SimpleProfiler if kwargs["profiler"] == "simple" else AdvancedProfiler
-        kwargs["profiler"] = profiler(dirpath=str(run_dir), filename="profiler")
-    return L.Trainer(default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
-                     plugins=[AtomicCheckpointIO()], **kwargs)
+        kwargs["profiler"] = profiler(dirpath=str(folder.path), filename=folder.profiler_name)
+    return L.Trainer(default_root_dir=str(folder.path), callbacks=callbacks, logger=logger,
+                     plugins=[AtomicCheckpointIO(), *cluster_plugins()], **kwargs)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
@@ -208,7 +215,8 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
         loggers = [build_wandb_logger(cfg, run_dir)]
     else:
-        loggers = [CSVLogger(str(run_dir), name="csv", version="")]  # Lightning's, its files written whole
+        # Lightning's, its files written whole
+        loggers = [CSVLogger(str(run_dir), name=RunFolder(run_dir).csv.name, version="")]
     if "tensorboard" in kinds:
         from allconv.tensorboard_logger import build_tensorboard_logger
 
@@ -216,29 +224,58 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     return loggers if len(loggers) > 1 else loggers[0]
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Written whole or not at all; a refused write is a WriteError naming the file (files.write_atomic)."""
-    write_atomic(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
+def identity(cfg: DictConfig, dm: CIFARDataModule, precision: str) -> dict:
+    """What the run is (allconv.run_record): its resolved settings, the overrides resume replays, the fingerprints
+    of its arrays and of its whitened inputs (dm set up: the fit actually used), the precision it trains in."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from allconv import run_record
+    from allconv.resume import replayable
+
+    task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return {"format": run_record.IDENTITY_FORMAT, "settings": run_folder.settings(cfg),
+            "overrides": replayable(task, cfg), "data": dm.fingerprint(), "inputs": dm.inputs_fingerprint(),
+            "fit": dm.fit_summary(), "precision": precision, "cwd": os.getcwd()}
+
+
+def run_precision(cfg: DictConfig, folder: RunFolder) -> str:
+    """The precision the run trains in: a continuation keeps the one it was started in (trainer.precision=auto may
+    mean another on this machine), a new run resolves auto on this machine."""
+    resolved = trainer_kwargs(cfg).get("precision", "32-true")
+    cuda = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+    kept = run_folder.recorded_precision(folder, cuda) if cfg.trainer.get("precision") == "auto" else None
+    if kept is not None and kept != resolved and not run_folder.is_secondary_rank():
+        print(f"precision: {kept} kept from the run's record (trainer.precision=auto would be {resolved} here)",
+              file=sys.stderr, flush=True)
+    return kept or str(resolved)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit and test one network; returns the metrics also written to run_dir/metrics.json."""
-    from allconv.callbacks import EpochSeed, FitClock, build_callbacks
+    """Fit and test one network; returns the metrics also written to the run folder's metrics.json."""
+    from allconv.callbacks import EpochSeed, FitClock, RunIdentity, build_callbacks
 
+    folder = RunFolder(run_dir)
     dm = build_datamodule(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg)
     net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = run_precision(cfg, folder)
+    record = None
     if not run_folder.is_secondary_rank():  # the run's identity, once; a continuation must match it
         dm.prepare_data()
-        run_folder.record_identity(run_dir, cfg, dm.fingerprint())
+        dm.setup("fit")  # the whitening fit is part of the identity (Lightning's own setup() then finds it done)
+        record = run_folder.record(folder, identity(cfg, dm, precision))
     clock = FitClock()
-    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock]  # a resumed run repeats the same draws
-    trainer = build_trainer(cfg, run_dir, callbacks, build_logger(cfg, run_dir))
-    ran_in, reason = precision.resolve(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    callbacks = build_callbacks(cfg, folder) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
+    trainer = build_trainer(cfg, folder, callbacks, build_logger(cfg, run_dir), precision)
+    resolved, reason = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
+    if precision != resolved:
+        reason = "kept from the run's record"
     if trainer.is_global_zero:
-        print(f"precision: {ran_in} ({reason})", flush=True)
+        print(f"precision: {precision} ({reason})", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
@@ -249,7 +286,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     val_error = trainer.callback_metrics.get("val/error")  # test() replaces callback_metrics
     trainer.test(module, datamodule=dm, verbose=False)
     metrics = {
-        "status": "ok",
+        "status": run_record.FINISHED,
         "model": models.config_name(cfg.model.family, cfg.model.variant),
         "network": models.paper_name(cfg.model.family, cfg.model.variant),
         "family": cfg.model.family, "variant": cfg.model.variant, "width": cfg.model.width,
@@ -270,15 +307,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if ranks is not None:
         metrics["ddp"] = ranks
     if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
+        folder.write_outcome(metrics)
         if trainer.logger:
             trainer.logger.save()
         title = f"{metrics['network']}, lr {cfg.optim.lr}, seed {cfg.seed}, width {cfg.model.width}"
         try:
-            plot_run(run_dir, title=title)
+            plot_run(folder.metrics_csv, folder.learning_curve, title=title)
         except Exception as e:  # the result is metrics.json, written above: a figure never fails a finished run
             what = e if isinstance(e, WriteError) else \
-                f"{run_dir / 'learning_curve.png'} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
+                f"{folder.learning_curve} not drawn ({type(e).__name__}: {_first_line(e)[:160]})"
             print(f"warning: {what}; the run's result stands (python -m allconv.learning_curve {run_dir} redraws it)",
                   file=sys.stderr)
     if hasattr(trainer.logger, "finish_run"):  # W&B: each job its own run, closed with the final metrics

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from allconv import figures, visualize
+from allconv.run_folder import RunFolder
 
 
 class GuidedBackpropGrid(L.Callback):
@@ -26,8 +27,9 @@ class GuidedBackpropGrid(L.Callback):
                              f"got {every_n_epochs!r}")
         if not (isinstance(num_images, int) and num_images >= 1):
             raise ValueError(f"callbacks.guided_backprop.num_images must be an integer >= 1, got {num_images!r}")
-        self.out_dir = Path(run_dir) / "guided_backprop"
-        self.filters_dir = Path(run_dir) / "filters" if filters else None
+        folder = RunFolder(run_dir)
+        self.out_dir = folder.guided_backprop
+        self.filters_dir = folder.filters if filters else None
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
         self.layer, self.unit = str(layer), unit  # a number from Hydra is a str here, so the error can list names
         self._last_epoch = 0  # epochs completed
@@ -84,6 +86,9 @@ class GuidedBackpropGrid(L.Callback):
         if self._last_epoch % self.every_n_epochs == 0:
             self._render(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_fit_end, not on_train_end: a run continued from a checkpoint of its last epoch (its first end failed on
+        # a full disk) trains nothing, and Lightning then calls no training hook; its pictures are still drawn
+        self._last_epoch = trainer.current_epoch
         self._render(trainer, pl_module)  # the final network, unless its epoch was just drawn
         self._filters(trainer, pl_module)

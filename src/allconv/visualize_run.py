@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv.errors import ConfigError, VisualizeError
 from allconv.figures import filters_figure, whitening_picture
+from allconv.run_folder import RunFolder
 from allconv.visualize import METHODS, save_png
 
 FIGURES = ("reconstructions", "filters", "whitening")
@@ -40,13 +41,13 @@ def check(cfg: DictConfig) -> None:
 
 
 def _out_dir(cfg: DictConfig) -> Path:
-    from allconv.cli import check_output_dir
+    from allconv.files import check_output_dir
 
     v = cfg.viz
     ckpt_path = Path(cfg.ckpt_path)
-    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_dir = RunFolder.of_checkpoint(ckpt_path).path
     name = f"{v.layer}_{v.method}" if v.figure == "reconstructions" else v.figure
-    out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "visualize" / name
+    out = Path(cfg.out_dir) if cfg.out_dir else RunFolder(run_dir).visualize / name
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {str(out)!r} exists and is not a directory")
     from allconv.run_folder import check_outside_record

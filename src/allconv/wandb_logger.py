@@ -21,6 +21,7 @@ from allconv import models
 from allconv.csv_logger import CSVLogger  # written whole; a resumed run keeps its earlier rows
 from allconv.errors import ConfigError
 from allconv.lightning_private import QuietWandbLogger
+from allconv.run_folder import RunFolder
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -60,7 +61,8 @@ class RunLogger(QuietWandbLogger):
     def __init__(self, run_dir: str | Path | None = None, **kwargs):
         super().__init__(**kwargs)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._csv = CSVLogger(str(run_dir), name="csv", version="") if run_dir is not None else None
+        self.folder = RunFolder(run_dir) if run_dir is not None else None
+        self._csv = CSVLogger(str(run_dir), name=self.folder.csv.name, version="") if run_dir is not None else None
 
     def log_metrics(self, metrics, step=None) -> None:
         super().log_metrics(metrics, step)
@@ -86,7 +88,7 @@ class RunLogger(QuietWandbLogger):
         run = self.started_run
         if run is None:
             return
-        curve = self.run_dir / "learning_curve.png" if self.run_dir else None
+        curve = self.folder.learning_curve if self.folder else None
         if curve is not None and curve.is_file():  # drawn by training.train just before
             self.log_image(key="learning_curve", images=[str(curve)], caption=[str(metrics.get("model", ""))])
         run.summary.update({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
@@ -100,8 +102,8 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path) -> RunLogger:
     lg = cfg.logger
     mode = resolve_mode(lg.get("mode", "auto"))
     if mode == "offline" and lg.get("mode", "auto") == "auto" and not os.environ.get("WANDB_MODE"):
-        print(f"wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to {run_dir / 'wandb'}; "
-              f"upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`", file=sys.stderr)
+        print(f"wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to {RunFolder(run_dir).wandb}; "
+              f"upload later with `wandb sync {RunFolder(run_dir).wandb}/offline-run-*`", file=sys.stderr)
     if wandb.run is not None:  # left open by an earlier job of this process that failed
         wandb.finish(exit_code=1)
     model = models.config_name(cfg.model.family, cfg.model.variant)

@@ -15,10 +15,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from allconv import run_record as rr
 from allconv.errors import ReportError
 from allconv.learning_curve import read_epochs
 from allconv.report.pages import KEEP_MARKER, runs_or_error, save_figure, wrap, writable, write_page
 from allconv.report.runs import ORDER, Run, _cap_text, _g, fmt_time, run_settings, settings_label
+from allconv.run_folder import RunFolder
 
 # At chance: a network whose ReLUs are all dead predicts the class prior whatever the input.
 CHANCE_LOSS_TOL = 0.02
@@ -42,11 +44,13 @@ class Trace:
         died = None
         if self.died_at is not None:
             died = f"died at epoch {self.died_at}" if self.learned else "never left chance"
-        if r.status == "ok":
+        if r.status == rr.FINISHED:
             return died or f"trained to the end ({self.epochs} epochs)"
-        reason = {"failed": f"failed ({(r.error or '').replace('|', '/').splitlines()[0] if r.error else '?'})",
-                  "incomplete": "no metrics.json (killed or still running)",
-                  "unreadable": "metrics.json unreadable"}.get(r.status, r.status)
+        said = (r.error or "").replace("|", "/").splitlines()[0] if r.error else "?"
+        reason = {rr.FAILED: f"failed ({said})", rr.DIVERGED: f"diverged ({said})",
+                  rr.STARTED: "no metrics.json (killed or still running)",
+                  rr.INTERRUPTED: "interrupted (continue it with resume=)",
+                  rr.UNREADABLE: "metrics.json unreadable"}.get(r.status, r.status)
         return f"{reason} after {self.epochs} epochs" + (f"; {died}" if died else "")
 
 
@@ -67,7 +71,7 @@ def died_at(series: dict, num_classes: int) -> tuple[int | None, bool]:
 
 def trace(run: Run) -> Trace:
     try:
-        series = read_epochs(run.path / "csv" / "metrics.csv")
+        series = read_epochs(RunFolder(run.path).metrics_csv)
     except (OSError, ValueError, csv.Error):
         series = {}
     num_classes = int((run.config.get("data") or {}).get("num_classes") or 10)
@@ -122,7 +126,7 @@ def curves_figure(traces: list[Trace], label: str):
         color = f"C{i % 10}"
         if t.died_at is not None:
             name += f" — died at epoch {t.died_at}" if t.learned else " — never left chance"
-        elif t.run.status != "ok":
+        elif t.run.status != rr.FINISHED:
             name += f" — {t.run.status}"
         val, loss = t.series.get("val/error", {}), t.series.get("train/loss", {})
         ax_val.plot([e + 1 for e in sorted(val)], [100 * val[e] for e in sorted(val)], color=color, marker=".",
@@ -182,7 +186,7 @@ def runs_table(traces: list[Trace]) -> list[str]:
         r, s = t.run, t.series
         best = _best(s, "val/error")
         loss = _final(s, "train/loss")
-        test = r.metrics.get("test_error") if r.status == "ok" else None
+        test = r.metrics.get("test_error") if r.status == rr.FINISHED else None
         wall = r.metrics.get("wall_time_s") if isinstance(r.metrics.get("wall_time_s"), (int, float)) else None
         lines.append(f"| {r.path.name} | {r.network} | {_g(r.lr)} "
                      f"| {'none' if r.cap is None else f'{r.cap:g}'} | {t.epochs} | {_pc(_final(s, 'val/error'))} "
@@ -206,7 +210,7 @@ def _who(t: Trace) -> str:
 def findings(traces: list[Trace]) -> list[str]:
     """Sentences drawn from the numbers: which runs train to the end, which die and when, what the cap does."""
     out = []
-    trained = [t for t in traces if t.run.status == "ok" and t.died_at is None]
+    trained = [t for t in traces if t.run.status == rr.FINISHED and t.died_at is None]
     if trained:
         out.append(f"Trained to the end: {', '.join(_who(t) for t in trained)}.")
         ranked = [t for t in trained if _final(t.series, "val/error") is not None]
@@ -228,7 +232,7 @@ def findings(traces: list[Trace]) -> list[str]:
                    f"{_final(s, 'train/loss'):.3f}, ln {t.num_classes} = {math.log(t.num_classes):.3f}; train accuracy "
                    f"{100 * _final(s, 'train/acc'):.1f}%); test error {_pc(t.run.metrics.get('test_error'))}%.")
     for t in traces:
-        if t.run.status != "ok":
+        if t.run.status != rr.FINISHED:
             out.append(f"{_who(t)}: {t.fate()}.")
     out += _cap_pairs(traces)
     return out
@@ -266,8 +270,8 @@ def _cap_pairs(traces: list[Trace]) -> list[str]:
         groups.setdefault((t.run.model, t.run.lr, t.run.seed, tuple(sorted(s.items()))), []).append(t)
     out = []
     for (_, lr, _, _), group in groups.items():
-        capped = [t for t in group if t.run.cap is not None and t.run.status == "ok"]
-        plain = [t for t in group if t.run.cap is None and t.run.status == "ok"]
+        capped = [t for t in group if t.run.cap is not None and t.run.status == rr.FINISHED]
+        plain = [t for t in group if t.run.cap is None and t.run.status == rr.FINISHED]
         if not capped or not plain:
             continue
         p = plain[0]
@@ -289,7 +293,7 @@ def curves_page(traces: list[Trace], label: str, command: str, png_link: str | N
                       if t.run.metrics.get("device")})
     lines = [f"# {_networks(traces)}: learning rate and update cap", "", f"**{label}**", "",
              f"Generated by `{command}` from {len(traces)} run folders "
-             f"({sum(t.run.status == 'ok' for t in traces)} finished); device (precision) the runs recorded: "
+             f"({sum(t.run.status == rr.FINISHED for t in traces)} finished); device (precision) the runs recorded: "
              f"{', '.join(devices) or 'not recorded'}.", ""]
     if png_link:
         lines += [f"![learning curves]({png_link})", ""]

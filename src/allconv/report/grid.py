@@ -25,6 +25,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from allconv import run_record as rr
 from allconv.errors import ReportError
 from allconv.report.curves import Trace, trace
 from allconv.report.pages import KEEP_MARKER, runs_or_error, save_figure, wrap, writable, write_page
@@ -48,7 +49,7 @@ class Cell:
     lr: float
     cap: float | None
     test_error: float | None
-    outcome: str                     # learned | near chance | at chance | died | diverged | failed | incomplete
+    outcome: str  # learned | near chance | at chance | died, or the run's status when it did not finish
     seed: int | None = None
     setting: tuple = ()              # (key, value) of the other settings that differ between the runs
 
@@ -75,16 +76,16 @@ def _settings(runs) -> list[tuple]:
 
 def outcome(t: Trace) -> str:
     r = t.run
-    if r.status == "failed" and "non-finite loss" in (r.error or ""):
-        return "diverged"
+    if r.status == rr.DIVERGED:
+        return rr.DIVERGED
     if t.died_at is not None:
         grad = t.series.get("train/grad_norm", {})
         spread = r.metrics.get("test_score_spread")
         constant = spread is not None and spread < DEAD_SPREAD
         alive = grad and grad[max(grad)] >= DEAD_GRAD_NORM and not constant
         return "at chance" if alive else "died"
-    if r.status != "ok":
-        return r.status if r.status in ("failed", "incomplete") else "failed"
+    if r.status != rr.FINISHED:
+        return r.status  # failed | interrupted | started | unreadable
     chance = 1 - 1 / t.num_classes
     return "learned" if r.metrics["test_error"] <= chance - LEARNED_MARGIN else "near chance"
 
@@ -94,7 +95,7 @@ def cells(traces: list[Trace]) -> list[Cell]:
     out = []
     for t, setting in zip(placed, _settings([t.run for t in placed]), strict=True):
         r = t.run
-        error = r.metrics.get("test_error") if r.status == "ok" else None
+        error = r.metrics.get("test_error") if r.status == rr.FINISHED else None
         out.append(Cell(r.model, r.lr, r.cap, error, outcome(t), r.seed, setting))
     return out
 
@@ -148,7 +149,7 @@ def _text(s: Seeds | None) -> str:
             return f"{100 * c.test_error:.1f}" + ("" if c.outcome == "learned" else f" ({c.outcome})")
         return f"**{c.outcome}**" + (f" ({100 * c.test_error:.1f})" if c.test_error is not None else "")
     n, counts = len(s.cells), []
-    for outcome in ("died", "diverged", "failed", "incomplete", "at chance", "near chance"):
+    for outcome in ("died", "diverged", "failed", "interrupted", "started", "unreadable", "at chance", "near chance"):
         if k := s.count(outcome):
             mark = "**" if outcome in ("died", "diverged", "failed") else ""
             counts.append(f"{mark}{outcome} {k}/{n}{mark}")
@@ -186,7 +187,8 @@ def _figure_text(cell: Seeds | None, value: float) -> tuple[str, bool]:
     """A heatmap cell's words, and whether it shows a test error."""
     if cell is None:
         return "–", False
-    short = {"died": "dead", "diverged": "NaN", "failed": "failed", "incomplete": "?"}
+    short = {"died": "dead", "diverged": "NaN", "failed": "failed", "interrupted": "?", "started": "?",
+             "unreadable": "?"}
     if len(cell.cells) == 1:
         c = cell.cells[0]
         if c.outcome in short:

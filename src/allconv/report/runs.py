@@ -1,10 +1,10 @@
 """Run folders as records: what each run was (model, lr, cap, seed, settings) and how it ended.
 
-Every run folder below the given folders is read: one with metrics.json status "ok" and a finite
-test error counts; one with status "failed", no metrics.json (killed, still running) or an
-unreadable or malformed one is listed, never crashed on and never ranked. A run's settings come
-from its metrics.json and its Hydra .hydra/config.yaml (read as YAML data, nothing resolved), so
-runs that share model and lr but not the update cap (optim.max_update_norm) stay apart.
+Every run folder below the given folders is read through allconv.run_folder: one that finished with a finite
+test error counts; one that failed, diverged, was interrupted, has no metrics.json yet (started: killed or still
+running) or an unreadable or malformed record is listed with that status (run_record's words), never crashed on
+and never ranked. A run's settings come from its identity.json (what it trained with, resolved when it started)
+and its metrics.json, so runs that share model and lr but not the update cap (optim.max_update_norm) stay apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allconv import models, run_folder
+from allconv import run_record as rr
 from allconv.errors import ReportError, RunFolderError
+from allconv.run_folder import RunFolder
 
 # Test error (%) on CIFAR-10 without augmentation: the paper's Table 1 and the replication review's
 # runs (PAPER.md, "Reference results"). Keys are the Hydra option names, rows in the paper's order.
@@ -41,13 +43,13 @@ PAPER_TEXT = "width 1, 350 epochs, CIFAR-10, no augmentation"
 @dataclass
 class Run:
     path: Path
-    status: str                      # ok | failed | incomplete | unreadable
+    status: str  # run_record's words: finished | failed | diverged | interrupted | started | unreadable
     model: str | None = None
     lr: float | None = None
     seed: int | None = None
     metrics: dict = field(default_factory=dict)
     error: str = ""
-    config: dict = field(default_factory=dict)   # .hydra/config.yaml, {} when absent
+    config: dict = field(default_factory=dict)   # identity.json's settings, nested; {} when absent
 
     @property
     def network(self) -> str:
@@ -63,46 +65,29 @@ class Run:
     def augmented(self) -> bool:
         """data.augment (saved config, else metrics.json): an augmented run is its own row, never a plain one's seed."""
         data = self.config.get("data")
-        return (data.get("augment") if isinstance(data, dict) else self.metrics.get("augment")) is True
+        return (data if isinstance(data, dict) and "augment" in data else self.metrics).get("augment") is True
 
     @property
     def cap(self) -> float | None:
         """optim.max_update_norm (saved config, else metrics.json); None for plain SGD or when not recorded."""
         optim = self.config.get("optim")
-        return optim.get("max_update_norm") if isinstance(optim, dict) else self.metrics.get("max_update_norm")
+        known = optim if isinstance(optim, dict) and "max_update_norm" in optim else self.metrics
+        return known.get("max_update_norm")
 
 
-def _from_saved_overrides(run_dir: Path) -> dict:
-    """model, lr and seed of a run with no usable metrics.json, from Hydra's saved overrides."""
-    out = {}
+def _saved_config(folder: RunFolder) -> dict:
+    """identity.json's settings as nested sections ({} when absent or damaged)."""
     try:
-        lines = (run_folder.read_bytes(run_dir / ".hydra" / "overrides.yaml") or b"").decode().splitlines()
-    except (RunFolderError, UnicodeDecodeError):
-        return out
-    for line in lines:
-        key, _, value = line.lstrip("- ").partition("=")
-        try:
-            if key == "model":
-                out["model"] = value
-            elif key == "optim.lr":
-                out["lr"] = float(value)
-            elif key == "seed":
-                out["seed"] = int(value)
-        except ValueError:
-            pass
-    return out
-
-
-def _saved_config(run_dir: Path) -> dict:
-    try:
-        cfg = run_folder.read_yaml(run_dir / ".hydra" / "config.yaml")
+        identity = folder.read_identity()
     except RunFolderError:
         return {}
-    if not isinstance(cfg, dict):
-        return {}
-    sections = ("model", "data", "trainer", "optim")  # what the report reads, each a mapping or ignored whole
-    if any(cfg.get(k) is not None and not isinstance(cfg[k], dict) for k in sections):
-        return {}
+    cfg: dict = {}
+    for key, value in (identity or {}).get("settings", {}).items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[leaf] = value
     cap = (cfg.get("optim") or {}).get("max_update_norm")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)):
         return {}
@@ -137,65 +122,66 @@ def _checked(m) -> dict:
     return m
 
 
-def _read_run(run_dir: Path) -> Run:
-    path = run_dir / "metrics.json"
-    if not os.path.lexists(path):
-        saved = _from_saved_overrides(run_dir)
-        return Run(run_dir, "incomplete", saved.get("model"), saved.get("lr"), saved.get("seed", 0),
-                   error="no metrics.json (killed or still running; resume with `python src/train.py resume=DIR`)")
+def _read_run(folder: RunFolder) -> Run:
+    if not os.path.lexists(folder.metrics):
+        status = folder.state()
+        when = "killed after a checkpoint" if status == rr.INTERRUPTED else "killed or still running"
+        return Run(folder.path, status, error=f"no metrics.json ({when}; continue with `python src/train.py "
+                                              f"resume={folder.path}`)")
     try:  # NaN and Infinity parse (json's extension) and are refused by _checked: never ranked
-        m = _checked(run_folder.read_json(path))  # a link, FIFO or nested record: one line, no hang
-        status = m.get("status", "ok")
-        run = Run(run_dir, status if status in ("ok", "failed") else "failed", m.get("model"),
-                  float(m["lr"]) if m.get("lr") is not None else None, int(m.get("seed", 0)), m, m.get("error", ""))
-        if run.status == "ok" and m.get("test_error") is None:
-            run.status, run.error = "unreadable", "metrics.json has no test_error"
+        m = _checked(folder.outcome())  # a link, FIFO or nested record: one line, no hang
+        status = rr.status_of(m) or (rr.FINISHED if "status" not in m else rr.FAILED)
+        run = Run(folder.path, status, m.get("model"), float(m["lr"]) if m.get("lr") is not None else None,
+                  int(m.get("seed", 0)), m, m.get("error", ""))
+        if run.status == rr.FINISHED and m.get("test_error") is None:
+            run.status, run.error = rr.UNREADABLE, "metrics.json has no test_error"
         return run
     except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
-        saved = _from_saved_overrides(run_dir)
         detail = str(e).splitlines()[0][:120] if isinstance(e, ValueError) and str(e) else type(e).__name__
-        return Run(run_dir, "unreadable", saved.get("model"), saved.get("lr"), saved.get("seed", 0),
-                   error=f"metrics.json unreadable ({detail})")
+        return Run(folder.path, rr.UNREADABLE, error=f"metrics.json unreadable ({detail})")
 
 
 def read_run(run_dir: Path) -> Run:
-    run = _read_run(run_dir)
-    run.config = c = _saved_config(run_dir)
+    folder = RunFolder(run_dir)
+    run = _read_run(folder)
+    run.config = c = _saved_config(folder)
     model, optim = c.get("model") or {}, c.get("optim") or {}
-    try:  # a run killed before metrics.json: what its saved config says
+    try:  # a run killed before metrics.json: what its identity says
         if run.model is None and model.get("family") and model.get("variant"):
             run.model = models.config_name(model["family"], model["variant"])
         if run.lr is None and isinstance(optim.get("lr"), (int, float)):
             run.lr = float(optim["lr"])
+        if run.seed is None and isinstance(c.get("seed"), int):
+            run.seed = c["seed"]
     except (KeyError, AttributeError):
         pass
+    if run.seed is None:
+        run.seed = 0
     return run
 
 
-def _identity(run_dir: Path) -> str | None:
+def _identity(folder: RunFolder) -> str | None:
     """What makes two folders one run (allconv.run_folder): its settings, less what a continuation may change,
     and its data; None when the folder does not record them."""
     try:
-        recorded = run_folder.read_json(run_dir / run_folder.IDENTITY)
-        settings = run_folder.recorded_settings(run_dir)
+        recorded = folder.read_identity()
     except RunFolderError:
         return None
-    if not isinstance(recorded, dict) or not settings:  # older folders record no identity: never merged
+    if not recorded:  # older folders record no identity: never merged
         return None
-    kept = {k: v for k, v in settings.items() if not run_folder.may_change(k)}
+    kept = {k: v for k, v in recorded["settings"].items() if not run_folder.may_change(k)}
     return json.dumps([kept, recorded.get("data")], sort_keys=True, default=str)
 
 
 def find_runs(dirs: list[Path]) -> list[Run]:
-    """Run folders under dirs: any folder with a metrics.json or a Hydra .hydra/ folder (not a sweep's root).
+    """Run folders under dirs: any folder holding a record (run_folder.RunFolder.RECORD), not a sweep's root.
     A folder that holds the same run as one already read (a copy) is counted once; the debug presets' folders
     (a `debug` folder on the way down, as in multirun/debug/) are read only when given themselves."""
     runs, seen, identities = [], set(), {}
     for d in dirs:
         if not d.is_dir():
             raise ReportError(f"{d}: no such directory")
-        candidates = {p.parent for p in d.rglob("metrics.json")}
-        candidates |= {p.parent.parent for p in d.rglob(".hydra/overrides.yaml")}
+        candidates = {p.parent for name in RunFolder.RECORD_FILES for p in d.rglob(name)}
         for run_dir in sorted(candidates):
             key = run_dir.resolve()
             if key in seen or (run_dir / "multirun.yaml").is_file():
@@ -204,7 +190,7 @@ def find_runs(dirs: list[Path]) -> list[Run]:
                 continue
             seen.add(key)
             run = read_run(run_dir)
-            identity = _identity(run_dir) if run.status == "ok" else None
+            identity = _identity(RunFolder(run_dir)) if run.status == rr.FINISHED else None
             if identity is not None and identity in identities:
                 print(f"report: {run_dir} holds the same run as {identities[identity]}; counted once", file=sys.stderr)
                 continue

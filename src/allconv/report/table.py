@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allconv import models
+from allconv import run_record as rr
 from allconv.report.pages import runs_or_error, save_figure, wrap, writable, write_page
 from allconv.report.runs import AUGMENTED_REFERENCE, ORDER, REFERENCE, Run, _cap_text, _g, fmt_time, settings_label
 
@@ -49,7 +50,7 @@ class Row:
 
 def summarise(runs: list[Run]) -> tuple[list[Row], list[Run], list[tuple[str, float, int]]]:
     """(one row per model, the runs that did not finish, the (model, lr, seed) cells with no folder)."""
-    ok = [r for r in runs if r.status == "ok" and r.model and r.lr is not None]
+    ok = [r for r in runs if r.status == rr.FINISHED and r.model and r.lr is not None]
     bad = [r for r in runs if r not in ok]
     by_model: dict[tuple[str, bool], dict[tuple, list[Run]]] = {}
     for r in ok:
@@ -86,7 +87,7 @@ def markdown(rows: list[Row], bad: list[Run], missing: list, runs: list[Run]) ->
     show_cap = len({r.cap for r in runs}) > 1  # else the cap is in the settings line
     lines = ["# All-CNN reproduction: test error on the paper's grid", "",
              f"**{settings_label(runs)}** The paper's and the review's errors are those of PAPER.md.", "",
-             f"{len(runs)} run folders: {sum(r.status == 'ok' for r in runs)} finished, "
+             f"{len(runs)} run folders: {sum(r.status == rr.FINISHED for r in runs)} finished, "
              f"{len(bad)} failed or incomplete, {len(missing)} grid cells missing.", "",
              "| model | chosen lr | lr selected on | seeds | test error % (mean ± std) | paper % | review % "
              "| params | wall time / run |",

@@ -6,6 +6,7 @@ helpers it uses are allconv.local_parallel'.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -89,6 +90,21 @@ JOB_LOGGING = {
 }
 
 
+def override_value(value) -> str:
+    """value (dicts, lists, strings, numbers, booleans) in Hydra's override grammar; a dict value merges into the
+    config's dict, as OmegaConf.merge does."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    # Quoted: a backslash is escaped only where a quote (or the closing quote) follows it, as the grammar reads it.
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), str(value)) + "'"
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher (conf/hydra/launcher/slurm_cpu.yaml, slurm_gpu.yaml) plus:
 
@@ -99,7 +115,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
       last.ckpt, train_job records it as interrupted and exits 128+USR2; only then is the signal handed to
       submitit's own handler, which resubmits the same job (checkpoint(): same overrides, same job number, so
       the same run folder) and requeues it. Without this, submitit's handler exits from inside a step and
-      nothing is saved. The requeued job finds last.ckpt in its folder and continues (run_folder.plan_sweep_job);
+      nothing is saved. The requeued job finds last.ckpt in its folder and continues (sweep_folder.plan_job);
     - a job started again by SLURM (scontrol requeue, or submitit's own requeue) says so in its log.
 
     SIGTERM (scontrol requeue, a preemption by SLURM, the time limit itself) needs no hand-over: SLURM has
@@ -146,7 +162,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             torch.set_num_threads(int(cpus))
         preempt = submitit_signal()
         try:
-            return self._run_job(sweep_overrides, job_dir_key, job_num, singleton_state)
+            return super().__call__([*sweep_overrides, *self.cluster_job_overrides()], job_dir_key, job_num, job_id,
+                                    singleton_state)
         except SystemExit as stop:
             if stop.code != 128 + preempt:  # not submitit's signal: SIGTERM's requeue is SLURM's own
                 raise
@@ -170,23 +187,14 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 return ret
             raise
 
-    def _run_job(self, sweep_overrides, job_dir_key, job_num, singleton_state):
-        """The plugin's __call__ (compose the job, run it), with what a cluster job needs set in its config."""
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import run_job, setup_globals
-        from omegaconf import OmegaConf, open_dict
+    def cluster_job_overrides(self) -> list[str]:
+        """Hydra overrides added to each job's own: what a cluster job needs in its config.
 
-        Singleton.set_state(singleton_state)
-        setup_globals()
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
-        with open_dict(config):
-            config.hydra.job.id = submitit.JobEnvironment().job_id
-            config.hydra.job.num = job_num
-            config.hydra.job_logging = OmegaConf.merge(config.hydra.job_logging, JOB_LOGGING)
-            # The ZCA fit is cached where every node of the sweep sees it, so it is fitted once: the sweep folder
-            # is such a place (submitit exchanges its pickles through it); $ALLCONV_CACHE or data.cache_dir win.
-            config.hydra.job.env_set.setdefault(
-                "ALLCONV_CACHE", os.environ.get("ALLCONV_CACHE") or f"{config.hydra.sweep.dir}/.zca-cache")
-        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
-                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        Its log (JOB_LOGGING, merged into hydra.job_logging) and, unless $ALLCONV_CACHE or hydra.job.env_set names
+        one, the ZCA cache in the sweep folder: a place every node of the sweep sees (submitit exchanges its pickles
+        through it), so the whitening is fitted once (data.cache_dir, when set, wins over both).
+        """
+        overrides = [f"++hydra.job_logging={override_value(JOB_LOGGING)}"]
+        if not os.environ.get("ALLCONV_CACHE") and "ALLCONV_CACHE" not in self.config.hydra.job.env_set:
+            overrides.append("++hydra.job.env_set.ALLCONV_CACHE='${hydra.sweep.dir}/.zca-cache'")
+        return overrides
