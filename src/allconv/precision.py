@@ -31,7 +31,7 @@ def cpu_bf16() -> CpuBf16:
         return CpuBf16(True, "the CPU does bf16 in hardware: AMX")
     if caps.get("avx512_bf16"):
         # Measured on an AMD EPYC with avx512_bf16 (docs/PERFORMANCE.md): a bf16 training step ran between 0.6x
-        # and 1.9x the speed of fp32 with the thread count and the load, never the steady gain AMX gives.
+        # and 2.7x the speed of fp32 with the thread count and the load, never a steady gain.
         return CpuBf16(False, "the CPU has avx512_bf16 but no AMX: bf16 not reliably faster than fp32 there")
     return CpuBf16(False, "the CPU has no bf16 instructions: bf16 would be emulated, slower than fp32")
 
