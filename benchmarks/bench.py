@@ -20,7 +20,12 @@ Lightning time: 1.0 = no overhead).
 An "epoch" here is `steps` batches (0 = the whole training set); epoch time for 50,000 images is
 extrapolated from the measured rate when steps > 0. Achieved FLOP/s counts 6 x multiply-adds per
 training image (forward 2, backward 4). Peak: the card's datasheet dense figure for the precision
-used; on a CPU (no datasheet) the best of a few fp32 2048^3 matrix products measured here.
+used; on a CPU (no datasheet) the best of a few 2048^3 matrix products measured here in that
+precision's dtype (fp32, or bf16 for the bf16 precisions).
+
+Precisions: on a CPU, by default both 32-true and bf16-mixed, the one trainer.precision=auto picks
+here first (allconv.precision: bf16-mixed only where the CPU does bf16 in hardware); on CUDA the one
+auto picks. bench.json's "meta" and "rows" are the first precision's; "by_precision" holds each.
 Writes bench.json and bench.md into --out (default outputs/bench/, so a run leaves the tree clean;
 --out benchmarks/results refreshes the committed figures) and prints the table.
 """
@@ -51,6 +56,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from allconv import models  # noqa: E402
 from allconv.data import CIFARDataModule  # noqa: E402
 from allconv.module import AllConvModule  # noqa: E402
+from allconv.precision import resolve as resolve_precision  # noqa: E402
 from allconv.training import trainer_kwargs  # noqa: E402
 
 EPOCH_IMAGES = 50_000
@@ -76,16 +82,18 @@ def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
                 if torch.backends.cudnn.allow_tf32:  # fp32 convolutions run as TF32 by default
                     return tf32, f"{key} datasheet, dense tf32"
                 return fp32, f"{key} datasheet, fp32"
-    # No datasheet: measure what a large fp32 matrix product reaches here.
+    # No datasheet: measure what a large matrix product reaches here, in the dtype the convolutions run in.
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float32
     n, best = 2048, float("inf")
-    a = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
     for _ in range(4):
         sync(device)
         t = time.perf_counter()
         a @ a
         sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12, f"measured fp32 {n}^3 matmul"
+    return 2 * n**3 / best / 1e12, f"measured {'bf16' if dtype == torch.bfloat16 else 'fp32'} {n}^3 matmul"
 
 
 def load_tensors(args, device: torch.device) -> dict[str, torch.Tensor]:
@@ -251,7 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-update-norm", type=float, default=0.125,
                    help="the update cap of both paths (optim.max_update_norm); 0 = the paper's plain SGD")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed on CUDA, 32-true on CPU) | 32-true | ...")
+    p.add_argument("--precision", default="auto",
+                   help="comma-separated, e.g. 32-true,bf16-mixed; auto: on a CPU both (trainer.precision=auto's "
+                        "choice first), on CUDA auto's choice")
     p.add_argument("--data", default="synthetic", help="'synthetic' or an arrays .npz (GCN+ZCA as in training)")
     p.add_argument("--preprocess", default="gcn_zca", help="for --data npz: gcn_zca | standardize | none")
     p.add_argument("--cache-dir", default=None, help="ZCA fit cache (data.cache_dir)")
@@ -279,31 +289,58 @@ def main(argv=None) -> dict:
     args.width = args.width if args.width is not None else (1.0 if cuda else 0.25)
     args.steps = args.steps if args.steps is not None else (0 if cuda else 6)
     args.channels_last = cuda if args.channels_last == "auto" else args.channels_last == "true"
-    # The project's own resolution of precision="auto" and benchmark="auto".
-    tkw = trainer_kwargs(OmegaConf.create({"trainer": {"accelerator": "gpu" if cuda else "cpu", "devices": 1,
-                                                       "precision": args.precision, "benchmark": "auto"},
-                                       "data": {"val_size": 0}}))
     wanted = [n.strip() for n in args.networks.split(",")] if args.networks != "all" else None
     nets = [(f, v) for f, v in models.all_networks() if wanted is None or models.config_name(f, v) in wanted]
     if wanted is not None and len(nets) != len(wanted):
         known = ", ".join(models.config_name(f, v) for f, v in models.all_networks())
         sys.exit(f"error: unknown network in --networks {args.networks!r}; allowed: {known}")
 
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     tensors = load_tensors(args, device)
+    results = {p: bench_precision(p, nets, tensors, args, device, cuda) for p in bench_precisions(args.precision, cuda)}
+    first = next(iter(results.values()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"meta": {**first["meta"], "precisions": list(results)},
+                                                "rows": first["rows"], "by_precision": results}, indent=2) + "\n")
+    table = "\n".join(markdown(r["meta"], r["rows"]) for r in results.values())
+    if len(results) > 1:
+        table += "\n" + compare_precisions(results)
+    (out / "bench.md").write_text(table)
+    print("\n" + table, flush=True)
+    return {"meta": first["meta"], "rows": first["rows"], "by_precision": results}
+
+
+def bench_precisions(asked: str, cuda: bool) -> list[str]:
+    """The precisions to run: the ones asked for, or auto's choice here (and on a CPU the other of fp32/bf16)."""
+    if asked != "auto":
+        return [p.strip() for p in asked.split(",")]
+    chosen = resolve_precision("auto", "gpu" if cuda else "cpu")[0]
+    return [chosen] if cuda else [chosen, "bf16-mixed" if chosen == "32-true" else "32-true"]
+
+
+def bench_precision(prec: str, nets, tensors, args, device: torch.device, cuda: bool) -> dict:
+    """Every network in one precision: its rows and the table's header facts (peak measured in that precision)."""
+    # The project's own resolution of benchmark="auto" (and of precision="auto").
+    tkw = trainer_kwargs(OmegaConf.create({"trainer": {"accelerator": "gpu" if cuda else "cpu", "devices": 1,
+                                                       "precision": prec, "benchmark": "auto"},
+                                           "data": {"val_size": 0}}))
+    auto = resolve_precision("auto", "gpu" if cuda else "cpu")
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     peak, peak_source = (args.peak_tflops, "given") if args.peak_tflops else peak_tflops(device, tkw["precision"])
     rows = []
     for f, v in nets:
         r = bench_one(f, v, tensors, args, tkw, device)
         rows.append(r)
-        print(f"{r['network']:>16}: Lightning {r['lightning_img_s']:9,.0f} img/s  plain {r['plain_img_s']:9,.0f} img/s"
-              f"  ratio {r['ratio']:.3f}  {r['tflops']:.3g} TFLOP/s", flush=True)
+        print(f"{r['network']:>16} {tkw['precision']}: Lightning {r['lightning_img_s']:9,.0f} img/s  plain "
+              f"{r['plain_img_s']:9,.0f} img/s  ratio {r['ratio']:.3f}  {r['tflops']:.3g} TFLOP/s", flush=True)
     cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     pooled = {k: sum(sum(r[f"plain{k}"]) for r in rows) / sum(sum(r[f"lightning{k}"]) for r in rows)
               for k in ("_s", "_cpu_s")}
     meta = {
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else cpu,
+        "cpu_name": torch.cpu.get_capabilities().get("cpu_name") if not cuda else None,
         "torch": torch.__version__, "lightning": L.__version__, "width": args.width, "precision": tkw["precision"],
+        "auto_precision": auto[0], "auto_reason": auto[1],  # what trainer.precision=auto picks here, and why
         "max_update_norm": args.max_update_norm or None,
         "cudnn_benchmark": tkw["benchmark"], "channels_last": args.channels_last, "compile": args.compile,
         "batch_size": args.batch_size, "batches_per_epoch": rows[0]["batches_per_epoch"], "repeats": args.repeats,
@@ -315,13 +352,27 @@ def main(argv=None) -> dict:
         "median_ratio_cpu_time": statistics.median(r["ratio_cpu_time"] for r in rows),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = markdown(meta, rows)
-    (out / "bench.md").write_text(table)
-    print("\n" + table, flush=True)
     return {"meta": meta, "rows": rows}
+
+
+def compare_precisions(results: dict) -> str:
+    """One row per network: each precision's Lightning img/s and % of that precision's measured peak."""
+    names = list(results)
+    base = names[0]
+    head = " | ".join(f"{p} img/s | {p} % peak | {p} Lightning/plain" for p in names)
+    speed = " | ".join(f"{p}/{base} speed" for p in names[1:])
+    lines = [f"| network | {head} | {speed} |", "|---|" + "---:|" * (3 * len(names) + len(names) - 1)]
+    by = {p: {r["config"]: r for r in results[p]["rows"]} for p in names}
+    for r0 in results[base]["rows"]:
+        c = r0["config"]
+        cells = " | ".join(f"{by[p][c]['lightning_img_s']:,.0f} | "
+                           f"{100 * by[p][c]['tflops'] / results[p]['meta']['peak_tflops']:.1f} | "
+                           f"{by[p][c]['ratio']:.3f}" for p in names)
+        ratios = " | ".join(f"{by[p][c]['lightning_img_s'] / r0['lightning_img_s']:.2f}" for p in names[1:])
+        lines.append(f"| {r0['network']} | {cells} | {ratios} |")
+    medians = " | ".join(f" | | **{results[p]['meta']['median_ratio']:.3f}**" for p in names)
+    lines.append(f"| **all: median Lightning/plain** |{medians} |" + " |" * (len(names) - 1))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ class CostEstimate(L.Callback):
         device = trainer.strategy.root_device.type
         self.line = (f"estimate: {epochs} epoch{'s' * (epochs != 1)} x {_duration(per_step * steps_per_epoch)} "
                      f"per epoch ({steps_per_epoch} steps x {_duration(per_step)}) -> {_duration(total)} "
-                     f"of training on {device}")
+                     f"of training on {device} in {trainer.precision}")  # the steps timed ran in it
         if device == "cpu" and total > self.cpu_hours * 3600:
             self.line += (f"; more than {self.cpu_hours:g} h on a CPU: experiment=quick_cpu (make train-jpeg) "
                           f"trains All-CNN-C here in minutes")

@@ -26,6 +26,7 @@ from allconv.data import CIFARDataModule
 from allconv.errors import ConfigError, WriteError
 from allconv.learning_curve import plot_run
 from allconv.module import AllConvModule
+from allconv.precision import resolve as resolve_precision
 from allconv.run_folder import RunFolder
 
 
@@ -211,8 +212,7 @@ def build_module(cfg: DictConfig) -> AllConvModule:
 def trainer_kwargs(cfg: DictConfig) -> dict:
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     cuda = torch.cuda.is_available() and t.get("accelerator") in ("auto", "gpu", "cuda")
-    if t.get("precision") == "auto":
-        t["precision"] = "bf16-mixed" if cuda else "32-true"
+    t["precision"] = resolve_precision(t.get("precision", "auto"), t.get("accelerator", "auto"))[0]
     if t.get("benchmark") == "auto":
         t["benchmark"] = cuda
     if t.get("strategy") == "ddp":  # relaunch this Hydra job, not the whole sweep, on ranks 1..N-1
@@ -284,16 +284,15 @@ def identity(cfg: DictConfig, dm: CIFARDataModule, precision: str) -> dict:
             "fit": dm.fit_summary(), "precision": precision, "cwd": os.getcwd()}
 
 
-def run_precision(cfg: DictConfig, folder: RunFolder) -> str:
-    """The precision the run trains in: a continuation keeps the one it was started in (trainer.precision=auto may
-    mean another on this machine), a new run resolves auto on this machine."""
-    resolved = trainer_kwargs(cfg).get("precision", "32-true")
+def run_precision(cfg: DictConfig, folder: RunFolder) -> tuple[str, str]:
+    """(the precision the run trains in, why): a continuation keeps the one it was started in (trainer.precision=auto
+    may mean another on this machine), a new run resolves auto on this machine (allconv.precision)."""
+    resolved, reason = resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto"))
     cuda = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
     kept = run_folder.recorded_precision(folder, cuda) if cfg.trainer.get("precision") == "auto" else None
-    if kept is not None and kept != resolved and not run_folder.is_secondary_rank():
-        print(f"precision: {kept} kept from the run's record (trainer.precision=auto would be {resolved} here)",
-              file=sys.stderr, flush=True)
-    return kept or str(resolved)
+    if kept is None or kept == resolved:
+        return str(resolved), reason
+    return kept, f"kept from the run's record; trainer.precision=auto would be {resolved} here"
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -306,7 +305,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     module = build_module(cfg)
     net = module.net
     run_dir.mkdir(parents=True, exist_ok=True)
-    precision = run_precision(cfg, folder)
+    precision, reason = run_precision(cfg, folder)
     record = None
     check_only = bool(cfg.trainer.get("fast_dev_run"))  # a check of the code, not a run: it leaves no record
     if not run_folder.is_secondary_rank() and not check_only:  # the run's identity, once; a continuation matches it
@@ -320,6 +319,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     trainer = build_trainer(cfg, run_dir, callbacks, False if check_only else build_logger(cfg, run_dir), precision)
+    if trainer.is_global_zero:
+        print(f"precision: {precision} ({reason})", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = clock.elapsed()  # over all launches of a resumed run
     ranks = None
@@ -341,7 +342,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "params": models.count_params(net),
         "test_error": float(trainer.callback_metrics["test/error"]),
         "wall_time_s": wall,
-        "device": str(trainer.strategy.root_device), "precision": str(trainer.precision),
+        "device": str(trainer.strategy.root_device), "precision": str(trainer.precision), "precision_reason": reason,
         "tags": list(cfg.get("tags") or []),
     }
     stopped = stopped_by(cfg, trainer)
