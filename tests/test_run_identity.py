@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from allconv import preprocessing, run_record
+from allconv import precision, preprocessing, run_record
 from allconv.report import runs
 from allconv.run_folder import RunFolder
 from conftest import hashes, invoke, only_line, write_npz
@@ -70,7 +70,8 @@ def test_the_record_holds_what_an_environment_variable_resolved_to(made):
     assert recorded["settings"]["data.preprocess"] == "gcn_zca"
     assert "data.preprocess='gcn_zca'" in recorded["overrides"]
     assert not any("${" in o for o in recorded["overrides"])
-    assert recorded["precision"] == "32-true" and len(recorded["fit"]) == 20 and recorded["inputs"]
+    assert recorded["precision"] == precision.resolve("auto")[0]  # what auto means on this machine
+    assert len(recorded["fit"]) == 20 and recorded["inputs"]
     assert not (made / "run" / ".hydra").exists()  # the record is the project's own
 
 
@@ -377,3 +378,25 @@ def test_a_run_continued_after_its_last_epoch_still_draws_its_pictures(made, tmp
     assert code == 0, err[-3000:]
     assert [p.name for p in (run / "guided_backprop").iterdir()] == ["epoch_001.png"]
     assert any((run / "filters").iterdir()) and RunFolder(run).state() == "finished"
+
+
+@pytest.mark.parametrize("started_fast, now_fast", [(False, True), (True, False)])
+def test_a_run_keeps_the_precision_it_started_in(made, tmp_path, monkeypatch, started_fast, now_fast):
+    """trainer.precision=auto on a continuation keeps the recorded precision, whatever auto means on this machine."""
+    def machine(fast: bool) -> None:
+        monkeypatch.setattr(precision, "cpu_bf16", lambda: precision.CpuBf16(fast, "the test's machine"))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = "bf16-mixed" if started_fast else "32-true"
+    run = tmp_path / "run"
+    machine(started_fast)
+    code, err = invoke(*RUN, "data.preprocess=standardize", f"hydra.run.dir={run}", cwd=made)
+    assert code == 0, err[-3000:]
+    assert identity(run)["precision"] == started
+    (run / "metrics.json").unlink()
+    machine(now_fast)
+    code, err = invoke(f"resume={run}", "trainer.max_epochs=2", cwd=made)
+    assert code == 0, err[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["precision"] == started and metrics["epochs"] == 2
+    assert metrics["precision_reason"].startswith("kept from the run's record")

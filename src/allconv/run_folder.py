@@ -54,9 +54,6 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def __repr__(self) -> str:
-        return f"RunFolder({str(self.path)!r})"
-
     # -- the record
     identity = property(lambda self: self.path / "identity.json")
     metrics = property(lambda self: self.path / "metrics.json")
