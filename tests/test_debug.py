@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from allconv import callbacks as C
-from allconv import schema, training
+from allconv import checks, schema, training
 from allconv.errors import ConfigError
 from conftest import CONF, write_npz
 
@@ -153,10 +153,10 @@ def test_debug_limit_on_a_small_file_is_refused_before_training_naming_the_batch
             "(1,024 images at data.batch_size=128): no batch would run; give at least 0.125" in err, err
         assert not (tmp_path / "run").exists()
     cfg = composed("debug=limit", *tiny(npz, "trainer.limit_train_batches=0.125", "data.eval_batch_size=1"))
-    training.check_batch_limits(cfg)  # one batch of 8: runs
+    checks.check_batch_limits(cfg)  # one batch of 8: runs
     cfg = composed(*tiny(npz, "data.eval_batch_size=4", "trainer.limit_test_batches=0.2"))
     with pytest.raises(ConfigError, match=r"limit_test_batches=0.2 is 0.8 of the 4 test batches"):
-        training.check_batch_limits(cfg)
+        checks.check_batch_limits(cfg)
 
 
 @pytest.mark.parametrize("limit, said", [("trainer.max_steps=3", "trainer.max_steps=3"),

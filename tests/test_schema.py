@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from allconv import cli, schema, training
+from allconv import checks, cli, schema
 from allconv.errors import ConfigError
 from conftest import CONF, SRC, TINY, only_line, run_cli, write_npz
 
@@ -214,7 +214,7 @@ def two_gpus(monkeypatch):
 ])
 def test_devices_against_the_machines_gpus(conf_dir, two_gpus, overrides, message):
     with pytest.raises(ConfigError) as e:
-        training.check_trainer(_composed("train", *overrides)[0])
+        checks.check_trainer(_composed("train", *overrides)[0])
     assert str(e.value) == message
 
 
@@ -222,7 +222,7 @@ def test_lightning_refusals_are_one_line(conf_dir, monkeypatch):
     """What the schema allows but Lightning refuses on this machine (its accelerator connector) is one line too."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError) as e:
-        training.check_trainer(_composed("train", "trainer.accelerator=mps")[0])
+        checks.check_trainer(_composed("train", "trainer.accelerator=mps")[0])
     assert str(e.value).startswith("trainer.accelerator=mps, trainer.devices=1, trainer.num_nodes=1, "
                                    "trainer.strategy=auto, trainer.precision=auto: ")
     assert "\n" not in str(e.value) and "MPSAccelerator" in str(e.value)
@@ -233,9 +233,9 @@ def test_a_slurm_sweep_is_not_checked_against_the_submitting_machine(conf_dir, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     here, _ = _composed("train", "trainer=gpu", hydra=True)
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        training.check_trainer(here)
+        checks.check_trainer(here)
     slurm, _ = _composed("train", "trainer=gpu", "hydra/launcher=slurm_gpu", hydra=True)
-    training.check_trainer(slurm)
+    checks.check_trainer(slurm)
 
 
 def test_allowed_values_declared_here_match_their_modules():

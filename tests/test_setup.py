@@ -65,7 +65,7 @@ def test_a_worker_that_unpickles_the_preflight_callback_is_set_up():
     """What a joblib or submitit worker does with the Hydra context it receives: unpickle it, then run the job."""
     from allconv.cli import Preflight
 
-    pickled = pickle.dumps(Preflight(check="allconv.training.check", schema="allconv.schema.TrainConfig",
+    pickled = pickle.dumps(Preflight(check="allconv.checks.check", schema="allconv.schema.TrainConfig",
                                      run_folders=True))
     before, after = run_probe(f"""
         import pickle

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from allconv import callbacks as C
-from allconv import models, training
+from allconv import checks, models, training
 from conftest import last_line, write_npz
 
 OPTIONS = [models.config_name(f, v) for f, v in models.all_networks()]
@@ -216,7 +216,7 @@ def test_update_cap_off_and_bad_values(compose_cfg, tiny_npz, shared_cache_dir, 
     on = compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "logger=none"))
     assert training.build_module(on).max_update_norm == 0.125  # the default
     with pytest.raises(training.ConfigError, match="max_update_norm"):
-        training.check(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
+        checks.check(compose_cfg(*base_overrides(tiny_npz, shared_cache_dir, "optim.max_update_norm=-1")))
 
 
 def test_update_cap_bounds_the_first_sgd_step(compose_cfg, tiny_npz, shared_cache_dir, tmp_path):

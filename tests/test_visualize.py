@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from allconv import models
+from allconv import checks, models
 from allconv.visualize import (
     METHODS,
     VisualizeError,
@@ -294,12 +294,11 @@ def test_callback_logs_to_wandb_and_tensorboard(tmp_path):
 
 
 def test_callback_layer_is_checked_before_training(compose_cfg, tmp_path):
-    """The run's pre-flight check (training.check, on the meta device) rejects the callback's bad layer."""
-    from allconv import training
+    """The run's pre-flight check (checks.check, on the meta device) rejects the callback's bad layer."""
     from allconv.errors import ConfigError
     from conftest import write_npz
 
     npz = write_npz(tmp_path / "d.npz")
     cfg = compose_cfg("data=npz", f"data.path={npz}", "callbacks.guided_backprop.layer=nope")
     with pytest.raises(ConfigError, match="callbacks.guided_backprop: unknown layer 'nope'"):
-        training.check(cfg)
+        checks.check(cfg)

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from allconv import checks
 from allconv.report import runs
 from conftest import CONF, run_cli, write_npz
 
@@ -135,7 +136,6 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from allconv import training
 
     spec = yaml.safe_load((CONF / "sweep" / "paper_grid.yaml").read_text())
     assert spec["method"] == "grid" and spec["program"] == "src/train.py"
@@ -156,7 +156,7 @@ def test_agent_commands_of_all_48_cells_compose(monkeypatch, tmp_path):
             assert re.fullmatch(folder, cfg.hydra.run.dir), cfg.hydra.run.dir
             HydraConfig.instance().cfg = None
             del cfg.hydra
-            training.check_config(cfg)  # the values of every run are valid, not only composable
+            checks.check_config(cfg)  # the values of every run are valid, not only composable
             assert env["WANDB_SWEEP_ID"] == "sweep0" and env["WANDB_RUN_ID"].startswith("run")
 
 
