@@ -400,3 +400,21 @@ def test_a_run_keeps_the_precision_it_started_in(made, tmp_path, monkeypatch, st
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["precision"] == started and metrics["epochs"] == 2
     assert metrics["precision_reason"].startswith("kept from the run's record")
+
+
+def test_a_run_that_set_a_key_this_version_removed_is_refused_naming_it(made, tmp_path):
+    """A record (and its checkpoint's copy) holding a setting this version no longer has: one line naming the key
+    and what to do, nothing written."""
+    run = interrupted_copy(made / "run", tmp_path / "run")
+    recorded = identity(run)
+    settings = {**recorded["settings"], "model.old_knob": 3}
+    edit_identity(run, settings=settings)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["callbacks"]["RunIdentity"]["settings"] = settings
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    before = hashes(run)
+    code, err = invoke(f"resume={run}", cwd=made)
+    assert code == 2
+    assert ("model.old_knob: the run set it to 3 and this version of allconv has no such setting; continue the run "
+            "with the version that made it") in only_line(err)
+    assert hashes(run) == before

@@ -123,7 +123,7 @@ def split_sizes(cfg: DictConfig) -> dict[str, int] | None:
     (the official files not downloaded)."""
     d = cfg.data
     if d.source == "npz":
-        from allconv.data import _npz_headers
+        from allconv.cifar_files import _npz_headers
 
         shapes = _npz_headers(Path(d.path))
         n_train, n_test = shapes["x_train"][0][0], shapes["x_test"][0][0]
