@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from allconv import cifar_files as F
 from allconv import data as D
 from allconv import files, learning_curve
 from allconv import preprocessing as pp
@@ -281,13 +282,13 @@ def test_arrays_larger_than_this_machines_memory_are_refused_from_their_headers(
     path = _zip64(tmp_path / "huge.npz", members)
     assert path.stat().st_size < memory // 500
     with pytest.raises(D.DataError) as e:
-        D.check_npz(path, 10)
+        F.check_npz(path, 10)
     total = n * 3072 + n + 2 * 3072 + 2
     assert str(e.value) == (f"data.path '{path}' declares {total / 1e9:.1f} GB of arrays (x_train ({n}, 32, 32, 3) "
                             f"uint8), more than this machine's {memory / 1e9:.1f} GB of memory (CIFAR-10 takes 0.18 "
                             f"GB); refused before loading")
     cifar = write_npz(tmp_path / "small.npz", n_train=16, n_test=8)
-    assert D.check_npz(cifar, 10) == 16  # the same file format, within memory: read
+    assert F.check_npz(cifar, 10) == 16  # the same file format, within memory: read
 
 
 # -- temporary files of killed writes -------------------------------------------------------------------------

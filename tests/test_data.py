@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from allconv import cifar_files as F
 from allconv import data as D
 from allconv import preprocessing as pp
 
@@ -18,7 +19,7 @@ from allconv import preprocessing as pp
 @pytest.mark.parametrize("name,n_classes", [("cifar10", 10), ("cifar100", 100)])
 def test_official_reader_on_small_files(make_official, name, n_classes):
     root, written = make_official(name)
-    got = D.load_official(name, root, verify_md5=False)
+    got = F.load_official(name, root, verify_md5=False)
     for k in ("x_train", "y_train", "x_test", "y_test"):
         np.testing.assert_array_equal(got[k], written[k])
     assert got["x_train"].shape[1:] == (32, 32, 3) and got["x_train"].dtype == np.uint8
@@ -35,7 +36,7 @@ def test_read_cifar_batch_pixel_layout(tmp_path):
     rows[0, 2048 + 31] = 30  # B at (0, 31)
     with open(tmp_path / "b", "wb") as f:
         pickle.dump({"data": rows, "labels": [3]}, f)
-    x, y = D.read_cifar_batch(tmp_path / "b", "labels")
+    x, y = F.read_cifar_batch(tmp_path / "b", "labels")
     assert x.shape == (1, 32, 32, 3) and list(y) == [3]
     assert x[0, 0, 0, 0] == 10 and x[0, 1, 1, 1] == 20 and x[0, 0, 31, 2] == 30 and x.sum() == 60
 
@@ -44,7 +45,7 @@ def test_read_cifar_batch_pixel_layout(tmp_path):
 def test_read_cifar_batch_rejects_non_cifar_files(tmp_path, content):
     (tmp_path / "b").write_bytes(content)
     with pytest.raises(D.DataError) as e:
-        D.read_cifar_batch(tmp_path / "b", "labels")
+        F.read_cifar_batch(tmp_path / "b", "labels")
     assert "\n" not in str(e.value) and "official" in str(e.value)
 
 
@@ -52,7 +53,7 @@ def test_read_cifar_batch_rejects_non_cifar_files(tmp_path, content):
 def test_md5_check_fails_on_non_official_files(make_official, name):
     root, _ = make_official(name)
     with pytest.raises(D.DataError) as e:
-        D.load_official(name, root, verify_md5=True)
+        F.load_official(name, root, verify_md5=True)
     msg = str(e.value)
     assert "\n" not in msg and "md5" in msg
     first = "data_batch_1" if name == "cifar10" else "train"
@@ -63,14 +64,14 @@ def test_missing_official_file_is_a_data_error(make_official):
     root, _ = make_official("cifar10")
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(D.DataError, match="data_batch_3"):
-        D.load_official("cifar10", root, verify_md5=False)
+        F.load_official("cifar10", root, verify_md5=False)
 
 
 # -- download, with only the network mocked ----------------------------------------------------------
 
 def _archive_of(tmp_path: Path, make_official, name: str) -> tuple[Path, dict]:
     src, written = make_official(name, root=tmp_path / "server")
-    folder = D.OFFICIAL[name][0]
+    folder = F.OFFICIAL[name][0]
     archive = tmp_path / "server" / "archive.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / folder, arcname=folder)
@@ -98,17 +99,17 @@ def _mock_network(monkeypatch, archive: Path) -> list:
 def test_download_official_with_mocked_network(tmp_path, make_official, monkeypatch, name):
     archive, written = _archive_of(tmp_path, make_official, name)
     calls = _mock_network(monkeypatch, archive)
-    ds = D._torchvision_dataset(name)
+    ds = F._torchvision_dataset(name)
     # the served archive is ours, so make torchvision's md5 of the archive the one of our archive
     monkeypatch.setattr(ds, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
     root = tmp_path / "root"
-    D.download_official(name, root)
+    F.download_official(name, root)
     assert calls == [ds.url]
-    got = D.load_official(name, root, verify_md5=False)
+    got = F.load_official(name, root, verify_md5=False)
     np.testing.assert_array_equal(got["x_test"], written["x_test"])
     np.testing.assert_array_equal(got["y_train"], written["y_train"])
     # already there: no second download
-    D.download_official(name, root)
+    F.download_official(name, root)
     assert len(calls) == 1
 
 
@@ -117,7 +118,7 @@ def test_download_with_wrong_archive_md5_fails_with_one_line(tmp_path, make_offi
     _mock_network(monkeypatch, archive)  # the served file is not the official archive: md5 mismatch
     root = tmp_path / "root"
     with pytest.raises(D.DataError) as e:
-        D.download_official("cifar10", root)
+        F.download_official("cifar10", root)
     assert "\n" not in str(e.value) and "md5" in str(e.value)
     assert not (root / "cifar-10-batches-py").exists()  # nothing extracted from a bad archive
 
@@ -126,7 +127,7 @@ def test_download_with_wrong_archive_md5_fails_with_one_line(tmp_path, make_offi
 
 def test_load_npz(make_npz):
     path = make_npz(n_train=20, n_test=10, y_train=np.arange(20, dtype=np.int32) % 10)
-    got = D.load_npz(path, 10)
+    got = F.load_npz(path, 10)
     with np.load(path) as f:
         np.testing.assert_array_equal(got["x_train"], f["x_train"])
         np.testing.assert_array_equal(got["x_test"], f["x_test"])
@@ -162,7 +163,7 @@ def test_load_npz_errors_are_one_line(tmp_path, make_npz, case, match):
     if case == "corrupt":
         path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(D.DataError, match=match) as e:
-        D.load_npz(path, 10)
+        F.load_npz(path, 10)
     assert "\n" not in str(e.value)
 
 
@@ -182,7 +183,7 @@ def test_val_split_is_held_out_before_the_fit(make_npz, cache_dir, monkeypatch):
     dm = D.CIFARDataModule(source="npz", path=str(path), val_size=15, cache_dir=str(cache_dir))
     dm.validate()
     dm.setup("fit")
-    raw = D.load_npz(path, 10)
+    raw = F.load_npz(path, 10)
     assert len(dm.tensors["x_train"]) == 45 and len(dm.tensors["x_val"]) == 15 and len(dm.tensors["x_test"]) == 10
     # train and val partition the original training labels
     assert sorted(torch.cat([dm.tensors["y_train"], dm.tensors["y_val"]]).tolist()) == sorted(raw["y_train"].tolist())

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from allconv import cifar_files as F
 from allconv import data as D
 from allconv import preprocessing as pp
 from allconv import safe_pickle
@@ -64,12 +65,12 @@ def test_payloads_run_under_plain_pickle(tmp_path, call):
 @pytest.mark.parametrize("call", sorted(PAYLOADS))
 def test_crafted_official_file_runs_nothing_and_is_one_line(tmp_path, make_official, name, fname, call):
     root, _ = make_official(name)
-    path = root / D.OFFICIAL[name][0] / fname
+    path = root / F.OFFICIAL[name][0] / fname
     marker = tmp_path / "ran"
     payload = Payload(call, marker)
     _plant(path, payload)
     with pytest.raises(D.DataError) as e:
-        D.load_official(name, root, verify_md5=False)
+        F.load_official(name, root, verify_md5=False)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and PICKLED_AS[call] in msg and "refused" in msg
     assert not marker.exists()
@@ -108,7 +109,7 @@ def test_unpickler_allocates_only_what_the_file_holds(tmp_path):
         path = tmp_path / how
         path.write_bytes(pickle.dumps({"data": Huge(how), "labels": []}, protocol=2))
         with pytest.raises(D.DataError, match=f"not a CIFAR file .*UnpicklingError: .*{refusal[how]}") as e:
-            D.read_cifar_batch(path, "labels")
+            F.read_cifar_batch(path, "labels")
         assert "\n" not in str(e.value)
 
 
@@ -137,7 +138,7 @@ def test_python2_official_format_reads(tmp_path):
     rows = np.random.default_rng(0).integers(0, 256, size=(3, 3072)).astype(np.uint8)
     path = tmp_path / "data_batch_1"
     path.write_bytes(_py2_pickle(rows, [1, 0, 9]))
-    x, y = D.read_cifar_batch(path, "labels", 10)
+    x, y = F.read_cifar_batch(path, "labels", 10)
     np.testing.assert_array_equal(x, rows.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
     assert y.tolist() == [1, 0, 9] and y.dtype == np.int64
 
@@ -148,12 +149,12 @@ def test_every_pickle_protocol_of_plain_data_reads(tmp_path, protocol):
     path = tmp_path / "b"
     path.write_bytes(pickle.dumps({"data": rows, "labels": [0, 1, 2, 3], "filenames": ["a.png"] * 4,
                                    "batch_label": "x"}, protocol=protocol))
-    x, y = D.read_cifar_batch(path, "labels", 10)
+    x, y = F.read_cifar_batch(path, "labels", 10)
     np.testing.assert_array_equal(x, rows.reshape(4, 3, 32, 32).transpose(0, 2, 3, 1))
     assert y.tolist() == [0, 1, 2, 3]
     meta = tmp_path / "m"
     meta.write_bytes(pickle.dumps({"label_names": [f"c{k}" for k in range(10)], "num_vis": 3072}, protocol=protocol))
-    assert D.read_cifar_meta(meta, "label_names", 10) == [f"c{k}" for k in range(10)]
+    assert F.read_cifar_meta(meta, "label_names", 10) == [f"c{k}" for k in range(10)]
 
 
 def test_safe_unpickler_refuses_globals_beyond_plain_data(tmp_path):
@@ -163,7 +164,7 @@ def test_safe_unpickler_refuses_globals_beyond_plain_data(tmp_path):
     with pytest.raises(safe_pickle.RefusedGlobal, match="numpy._core.multiarray.scalar"):
         safe_pickle.load(path)
     with pytest.raises(D.DataError, match="scalar"):
-        D.read_cifar_batch(path, "labels")
+        F.read_cifar_batch(path, "labels")
 
 
 # -- the structure of the official files ---------------------------------------------------------------------
@@ -188,7 +189,7 @@ def test_malformed_batch_is_one_line(tmp_path, entry, match):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(D.DataError, match=match) as e:
-        D.read_cifar_batch(path, "labels", 10)
+        F.read_cifar_batch(path, "labels", 10)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
@@ -200,24 +201,24 @@ def test_malformed_batch_is_one_line(tmp_path, entry, match):
 ])
 def test_malformed_meta_is_one_line(make_official, name, meta, match):
     root, _ = make_official(name)
-    path = root / D.OFFICIAL[name][0] / D.OFFICIAL[name][4]
+    path = root / F.OFFICIAL[name][0] / F.OFFICIAL[name][4]
     path.write_bytes(pickle.dumps(meta, protocol=2))
     with pytest.raises(D.DataError, match=match) as e:
-        D.load_official(name, root, verify_md5=False)
+        F.load_official(name, root, verify_md5=False)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
 def test_meta_file_is_md5_checked(make_official, monkeypatch):
     root, _ = make_official("cifar10")
-    ds = D._torchvision_dataset("cifar10")
+    ds = F._torchvision_dataset("cifar10")
     base = root / "cifar-10-batches-py"
     # the batches are these small files, so their md5s are made the official ones; the meta file stays foreign
     for attr in ("train_list", "test_list"):
-        monkeypatch.setattr(ds, attr, [[f, D._md5(base / f)] for f, _ in getattr(ds, attr)])
+        monkeypatch.setattr(ds, attr, [[f, F._md5(base / f)] for f, _ in getattr(ds, attr)])
     with pytest.raises(D.DataError, match="batches.meta fails its md5 check"):
-        D.load_official("cifar10", root, verify_md5=True)
-    monkeypatch.setattr(ds, "meta", {**ds.meta, "md5": D._md5(base / "batches.meta")})
-    assert D.load_official("cifar10", root, verify_md5=True)["classes"][0] == "name0"
+        F.load_official("cifar10", root, verify_md5=True)
+    monkeypatch.setattr(ds, "meta", {**ds.meta, "md5": F._md5(base / "batches.meta")})
+    assert F.load_official("cifar10", root, verify_md5=True)["classes"][0] == "name0"
 
 
 # -- the whitening cache --------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_bad_cache_in_an_unwritable_folder_trains_on_with_one_line(tmp_path, mon
 
 def test_datamodule_trains_on_a_clean_fit_despite_a_bad_cache(tmp_path, capsys):
     npz = write_npz(tmp_path / "tiny.npz", n_train=40, n_test=8)
-    raw = D.load_npz(npz, 10)
+    raw = F.load_npz(npz, 10)
     key = pp.fingerprint(raw["x_train"], gcn_scale=55.0, filter_bias=0.1)
     bad_cache, clean_cache = tmp_path / "bad", tmp_path / "clean"
     bad_cache.mkdir()
@@ -367,7 +368,7 @@ def _declare(path: Path, member: str, shape: tuple) -> Path:
 ])
 def test_npz_header_inconsistent_with_the_file_is_one_line(tmp_path, member, shape):
     path = _declare(write_npz(tmp_path / "d.npz", n_train=16, n_test=8), member, shape)
-    for check in (D.check_npz, D.load_npz):
+    for check in (F.check_npz, F.load_npz):
         with pytest.raises(D.DataError) as e:
             check(path, 10)
         msg = str(e.value)
@@ -379,12 +380,12 @@ def test_npz_checks_hold_for_compressed_files(tmp_path):
     arrays = {"x_train": np.zeros((6, 32, 32, 3), np.uint8), "y_train": np.zeros(6, np.int64),
               "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.ones(2, np.int64)}
     np.savez_compressed(path, **arrays)
-    assert D.check_npz(path, 10) == 6 and D.load_npz(path, 10)["y_test"].tolist() == [1, 1]
+    assert F.check_npz(path, 10) == 6 and F.load_npz(path, 10)["y_test"].tolist() == [1, 1]
     _declare(path, "x_test.npy", (20_000_000, 32, 32, 3))
     with zipfile.ZipFile(path) as z:
         assert z.getinfo("x_test.npy").compress_type == zipfile.ZIP_DEFLATED
     with pytest.raises(D.DataError, match=r"x_test.npy .* declares shape \(20000000, 32, 32, 3\)"):
-        D.check_npz(path, 10)
+        F.check_npz(path, 10)
 
 
 @pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
@@ -402,13 +403,13 @@ def test_npz_member_size_beyond_the_file_is_one_line(tmp_path, method):
     raw[record + 24:record + 28] = struct.pack("<I", 0xFFFFFF00)  # the uncompressed size: about 4 GiB
     path.write_bytes(bytes(raw))
     with pytest.raises(D.DataError, match=r"x_test.npy .* claims \d+ bytes, more than the \d+-byte file holds") as e:
-        D.check_npz(path, 10)
+        F.check_npz(path, 10)
     assert "\n" not in str(e.value)
 
 
 def test_npz_object_member_is_one_line(tmp_path):
     path = write_npz(tmp_path / "o.npz", n_train=8, n_test=4, classes=np.array(["a", 1], dtype=object))
-    for check in (D.check_npz, D.load_npz):
+    for check in (F.check_npz, F.load_npz):
         with pytest.raises(D.DataError, match="classes.npy .* holds Python objects") as e:
             check(path, 10)
         assert "\n" not in str(e.value)
