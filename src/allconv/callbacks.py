@@ -340,7 +340,8 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)]
 
 
-def build_callbacks(cfg, folder: RunFolder) -> list[L.Callback]:
+def build_callbacks(cfg, run_dir: Path) -> list[L.Callback]:
+    folder = RunFolder(run_dir)
     cbs: list[L.Callback] = [Preemption(folder.path), CostEstimate()]
     c = cfg.callbacks
     if c.checkpoint.every_n_epochs:

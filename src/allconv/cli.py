@@ -271,9 +271,11 @@ def print_config_tree(cfg: DictConfig, fields=("model", "data", "optim", "traine
 
 
 def run_dir() -> Path:
+    """The job's folder as Hydra made it. Read unresolved: Hydra stores the path it computed as a plain string, so a
+    folder named `run${oc.env:X}` is that name, never what the interpolation would give."""
     from hydra.core.hydra_config import HydraConfig
 
-    return Path(HydraConfig.get().runtime.output_dir)
+    return Path(OmegaConf.to_container(HydraConfig.get().runtime, resolve=False)["output_dir"])
 
 
 def is_multirun() -> bool:

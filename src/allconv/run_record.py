@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from allconv.errors import RunFolderError
@@ -59,8 +60,6 @@ def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes | None:
     path = Path(path)
     try:
         if path.is_symlink():
-            import os
-
             raise RunFolderError(f"{path} is a symbolic link (to {os.readlink(path)}); a run's record holds plain "
                                  f"files")
         return read_regular(path, limit)
@@ -139,7 +138,9 @@ def check_identity(path: Path, identity) -> dict:
 def read_identity(path: Path) -> dict | None:
     """identity.json (None if absent), checked by check_identity."""
     identity = read_json(path)
-    return None if identity is None else check_identity(path, identity)
+    if identity is None and not os.path.lexists(path):
+        return None
+    return check_identity(path, identity)  # a file holding JSON null is no record either: refused like damage
 
 
 def same(a, b) -> bool:

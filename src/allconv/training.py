@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         dm.setup("fit")  # the whitening fit is part of the identity (Lightning's own setup() then finds it done)
         record = run_folder.record(folder, identity(cfg, dm, precision))
     clock = FitClock()
-    callbacks = build_callbacks(cfg, folder) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
+    callbacks = build_callbacks(cfg, run_dir) + [EpochSeed(cfg.seed), clock, RunIdentity(record)]
     if check_only:  # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt even under fast_dev_run
         from lightning.pytorch.callbacks import ModelCheckpoint
 
