@@ -73,7 +73,8 @@ def test_early_stopping_stops_the_fit(tmp_path):
                            cwd=tmp_path)
     assert rc == 0, err[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "ok" and metrics["epochs"] == 2, metrics
+    assert metrics["status"] == "finished" and metrics["epochs"] == 2, metrics
+    assert metrics["stopped_by"] == "a callback (trainer.should_stop)"
 
 
 def test_ddp_sim_is_two_cpu_processes_with_the_projects_ddp(compose_cfg):

@@ -52,7 +52,7 @@ def test_importing_changes_nothing_and_setup_installs_what_a_job_needs():
 
     assert not set(imported["filters"]) & set(IGNORED_WARNINGS)  # the libraries imported add their own filters
     assert {**imported, "filters": None} == {**before, "filters": None}
-    assert set_up["save_config"] == "hydra.core.utils" and set_up["sweeper"] == "OmegaConf"  # Hydra's, untouched
+    assert set_up["save_config"] == "hydra.core.utils" and set_up["sweeper"] == "type"  # Hydra's own OmegaConf class
     assert set_up["resolver"] and not before["resolver"]
     assert set_up["filters"][:len(IGNORED_WARNINGS)] == list(reversed(IGNORED_WARNINGS))
     assert set_up["filters"][len(IGNORED_WARNINGS):] == imported["filters"]

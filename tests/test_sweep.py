@@ -62,7 +62,7 @@ def test_report_over_the_multirun(grid, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| Model A | 0.05 (of 1) |" in text and "| All-CNN-C | 0.05 (of 1) |" in text and table.ON_TEST in text
     assert "2 finished, 2 failed or incomplete, 0 grid cells missing" in text
-    assert text.count("| failed | non-finite loss") == 2
+    assert text.count("| diverged | non-finite loss") == 2
     assert (tmp_path / "report.png").stat().st_size > 5000
 
 
