@@ -144,14 +144,14 @@ def expand_argv(argv: list[str]) -> list[str]:
         raise ResumeError(f"resume={run}: the run diverged (metrics.json: {_said(folder)}); it would diverge again: "
                           f"start a new run with other settings")
     try:
-        identity = folder.read_identity()
-    except AllConvError as e:
-        raise ResumeError(f"resume={run}: {e}") from None
-    try:
-        identity = identity or folder.saved_identity()
+        copy = folder.saved_identity()  # reads the checkpoint: a damaged one is refused here, naming it
     except AllConvError as e:
         raise ResumeError(f"resume={run}: {e}; delete it and start the run again "
                           f"(or restore an earlier copy of last.ckpt)") from None
+    try:
+        identity = folder.read_identity() or copy
+    except AllConvError as e:
+        raise ResumeError(f"resume={run}: {e}") from None
     if identity is None:
         raise ResumeError(f"resume={run}: the run records no identity.json (it was started by an older allconv); "
                           f"continue it with its own command plus ckpt_path={folder.checkpoint} hydra.run.dir={run}")
