@@ -20,8 +20,8 @@ from conftest import SRC, TINY, hashes, only_line, run_cli, write_npz
 
 EVAL_PY = SRC / "eval.py"
 VISUALIZE_PY = SRC / "visualize.py"
-REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, logger, model, optim, "
-           "print_config, seed, trainer), never hydra.*, _target_ or ${...}")
+REPLAYS = ("resume replays only the run's own settings (callbacks, data, debug, experiment, hparams_search, logger, "
+           "model, optim, print_config, seed, tags, trainer), never hydra.*, _target_ or ${...}")
 KEEPS = ("a continuation keeps them and may change only print_config, callbacks.progress_bar, "
          "callbacks.progress_bar_refresh, model.channels_last, trainer.enable_progress_bar, "
          "trainer.enable_model_summary, trainer.profiler, logger, tags, data.root, data.path, data.download, "
