@@ -66,7 +66,7 @@ def test_first_launch_is_three_complete_trials_in_three_run_folders(relaunched):
     assert [name.split("_")[0] for name in first["folders"]] == ["0", "1", "2"]
     for name in first["folders"]:  # ordinary run folders: everything a run has
         run = relaunched["sweep"] / name
-        for part in ("metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv", ".hydra/config.yaml",
+        for part in ("metrics.json", "checkpoints/last.ckpt", "csv/metrics.csv",
                      "identity.json", "learning_curve.png"):
             assert (run / part).is_file(), run / part
 
