@@ -25,6 +25,8 @@ from conftest import hashes, invoke, only_line, write_npz
 RUN = ["data=npz", "data.path=data.npz", "model.width=0.125", "trainer.max_epochs=1", "data.batch_size=16",
        "data.eval_batch_size=16", "logger=csv", "callbacks.progress_bar=none", "trainer.enable_progress_bar=false",
        "print_config=false", "callbacks.guided_backprop.every_n_epochs=0"]
+# Whole runs and their continuations, each a few seconds of training: make test-system.
+pytestmark = pytest.mark.system
 ENV_RUN = [*RUN, "data.preprocess=${oc.env:ALLCONV_TEST_PRE}", "data.cache_dir=cache"]
 
 

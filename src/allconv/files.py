@@ -219,3 +219,15 @@ def _can_mkdir(parent: Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def lock_folder(path: Path, guards: str) -> int:
+    """An exclusive flock on the folder itself (no lock file written into it), held until the returned descriptor is
+    closed; BlockingIOError if another process holds it. A filesystem without locks: one warning (lock())."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        lock(fd, path, blocking=False, guards=guards)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from allconv import run_record as rr
 from allconv.errors import ConfigError, ResumeError, RunFolderError
-from allconv.files import file_kind, lock
+from allconv.files import file_kind, lock_folder
 
 # -- the one rule: what a continuation may change --------------------------------------------------------
 CONTINUATION = ("print_config", "callbacks.progress_bar", "callbacks.progress_bar_refresh", "model.channels_last",
@@ -156,18 +156,12 @@ class RunFolder:
         path = self.path.resolve()
         if path in _held or is_secondary_rank():
             return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            lock(fd, path, blocking=False,
-                 guards="nothing now stops a second process from training this run at the same time")
+            _held[path] = lock_folder(path, "nothing now stops a second process from training this run at the "
+                                            "same time")
         except BlockingIOError:
-            os.close(fd)
             raise ResumeError(f"{path} is being trained by another process; wait for it to end "
                               f"(two processes cannot train one run)") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        _held[path] = fd
 
     def release(self) -> None:
         fd = _held.pop(self.path.resolve(), None)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from allconv import run_record as rr
 from allconv.errors import ConfigError, RunFolderError
-from allconv.files import lock, write_atomic
+from allconv.files import lock_folder, write_atomic
 from allconv.run_folder import (
     JOBS,
     SWEEP_FILES,
@@ -59,17 +59,11 @@ def _hold(sweep: Path) -> None:
     path = sweep.resolve()
     if path in _held:
         return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        lock(fd, path, blocking=False, guards="two launches of this sweep are not kept apart")
+        _held[path] = lock_folder(path, "two launches of this sweep are not kept apart")
     except BlockingIOError:
-        os.close(fd)
         raise ConfigError(f"hydra.sweep.dir={str(sweep)!r} is being launched by another process; wait for it to "
                           f"end (two launches of one sweep would train the same folders)") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    _held[path] = fd
 
 
 def release(sweep: Path) -> None:
