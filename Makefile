@@ -33,10 +33,10 @@ data-jpeg: $(STAMP) $(ARRAYS)  ## decode the JPEG copy of CIFAR-10 into $(ARRAYS
 train-jpeg: $(STAMP) $(ARRAYS)  ## experiment=quick_cpu on the JPEG CIFAR-10 copy (CPU, about 6 min on 2 cores)
 	$(BIN)/python src/train.py experiment=quick_cpu data.path=$(ARRAYS) $(ARGS)
 
-test: $(STAMP)  ## the test suite (CPU, 2 workers: about 3 min on 2 cores; each test times out after 300 s; the 10 slowest listed); the end-to-end runs are make test-system
+test: $(STAMP)  ## the test suite (CPU, 2 workers: about 5.5 min on 2 cores (324 s, 2026-12-08); each test times out after 300 s; the 10 slowest listed); the end-to-end runs are make test-system
 	$(BIN)/python -m pytest -q -n 2 --durations=10 $(ARGS)
 
-test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile (about 3 min)
+test-system: $(STAMP)  ## whole runs end to end in several processes: DDP, SIGTERM and resume, a relaunched sweep, launchers, a compile, run identity and continuations (about 5.5 min: 318 s, 2026-12-08)
 	$(BIN)/python -m pytest -q -n 2 -m system $(ARGS)
 
 test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h timeout per test)
@@ -45,7 +45,7 @@ test-slow: $(STAMP)  ## only the slow checks (the quick_cpu claim: ~15 min; 1 h 
 slurm:  ## install (apt, as root) and start a one-node SLURM cluster on this machine (scripts/slurm_local.sh)
 	$(if $(filter 0,$(shell id -u)),,sudo) bash scripts/slurm_local.sh
 
-test-slurm: $(STAMP) slurm  ## the SLURM checks on that cluster: requeue, USR2, DDP, a refused submission (~8 min)
+test-slurm: $(STAMP) slurm  ## the SLURM checks on that cluster: requeue, USR2, DDP, a refused submission (about 3 min: 173 s, 2026-12-08)
 	ALLCONV_SLURM_REQUIRED=1 $(BIN)/python -m pytest -q -m slurm $(ARGS)
 
 lint: $(STAMP)  ## ruff
