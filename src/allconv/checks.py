@@ -161,7 +161,7 @@ def check_batch_limits(cfg: DictConfig) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     """src/eval.py's check: the checkpoint loads safely, its weights fit the network it names, its data is
-    there, and the output folder (hydra.run.dir) is not a training run's, whose .hydra/ Hydra would rewrite."""
+    there, and the output folder (hydra.run.dir) is not a training run's: eval writes into a folder of its own."""
     from allconv import checkpoint
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:

@@ -34,7 +34,8 @@ def runs_or_error(dirs: list[Path], tags: list[str] | None = None) -> list[Run]:
             raise ReportError(f"none of the {found} runs under {', '.join(map(str, dirs))} holds every tag of "
                               f"--tags {','.join(tags)} (a run's tags: tags=[...] when it was trained)")
     if not runs:
-        raise ReportError(f"no runs under {', '.join(map(str, dirs))} (no metrics.json or .hydra/ run folders)")
+        raise ReportError(f"no runs under {', '.join(map(str, dirs))} (no folder holds metrics.json or "
+                          f"identity.json)")
     return runs
 
 
